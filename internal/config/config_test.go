@@ -1,0 +1,130 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDefaultIsValid(t *testing.T) {
+	t.Setenv("KMS_PLUGIN_STATE_DIR", "/tmp/kms-plugin-test-state")
+	cfg := Default()
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("Default().Validate() = %v", err)
+	}
+	if cfg.Endpoint != "unix:///tmp/kms-plugin-test-state/socket.sock" || cfg.Local.KeysetPath != "/tmp/kms-plugin-test-state/keyset.json" {
+		t.Fatalf("defaults do not use the state dir: %+v", cfg)
+	}
+	if !strings.HasPrefix(cfg.HTTPAddr, "127.0.0.1:") {
+		t.Fatalf("default httpAddr %q is not loopback", cfg.HTTPAddr)
+	}
+}
+
+func TestLoad(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	full := write("full.yaml", `
+endpoint: unix:///var/run/kmsplugin/socket.sock
+socketGroup: kms
+provider: local
+local:
+  keysetPath: /etc/kubernetes/kms-plugin/keyset.json
+httpAddr: 127.0.0.1:9000
+providerPollInterval: 30s
+kek:
+  maxAge: 24h
+  maxUses: 1000
+  cacheSize: 50
+log:
+  format: console
+  level: debug
+shutdownTimeout: 5s
+`)
+	cfg, err := Load(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Config{
+		Endpoint: ProductionEndpoint, SocketGroup: "kms", Provider: "local",
+		Local:                LocalConfig{KeysetPath: ProductionKeysetPath},
+		HTTPAddr:             "127.0.0.1:9000",
+		ProviderPollInterval: Duration{30 * time.Second},
+		KEK:                  KEKConfig{MaxAge: Duration{24 * time.Hour}, MaxUses: 1000, CacheSize: 50},
+		Log:                  LogConfig{Format: "console", Level: "debug"},
+		ShutdownTimeout:      Duration{5 * time.Second},
+	}
+	if cfg != want {
+		t.Fatalf("Load = %+v\nwant %+v", cfg, want)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+
+	partial, err := Load(write("partial.yaml", "providerPollInterval: 5s\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if partial.ProviderPollInterval.Duration != 5*time.Second || partial.Provider != "local" || partial.KEK.CacheSize != 10000 {
+		t.Fatalf("partial file did not keep defaults: %+v", partial)
+	}
+	if _, err := Load(write("empty.yaml", "")); err != nil {
+		t.Fatalf("empty file: %v", err)
+	}
+
+	for _, tt := range []struct{ name, body, want string }{
+		{"unknown field", "endpiont: unix:///x\n", `unknown field "endpiont"`},
+		{"bad duration", "providerPollInterval: soon\n", "invalid duration"},
+		{"numeric duration", "providerPollInterval: 60\n", "duration must be a string"},
+		{"not yaml", "endpoint: [\n", "parse YAML"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Load(write(tt.name+".yaml", tt.body))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Load error = %v; want it to contain %q", err, tt.want)
+			}
+		})
+	}
+	if _, err := Load(filepath.Join(dir, "missing.yaml")); err == nil {
+		t.Fatal("Load of a missing file succeeded")
+	}
+}
+
+func TestValidateNamesTheField(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		mutate func(*Config)
+		field  string
+	}{
+		{"tcp endpoint", func(c *Config) { c.Endpoint = "tcp://127.0.0.1:1" }, "endpoint:"},
+		{"relative socket", func(c *Config) { c.Endpoint = "unix://sock" }, "endpoint:"},
+		{"long socket", func(c *Config) { c.Endpoint = "unix:///" + strings.Repeat("a", 120) }, "endpoint:"},
+		{"unknown provider", func(c *Config) { c.Provider = "gcp" }, "provider:"},
+		{"empty provider", func(c *Config) { c.Provider = "" }, "provider:"},
+		{"relative keyset", func(c *Config) { c.Local.KeysetPath = "keyset.json" }, "local.keysetPath:"},
+		{"bad http addr", func(c *Config) { c.HTTPAddr = "8080" }, "httpAddr:"},
+		{"poll too fast", func(c *Config) { c.ProviderPollInterval.Duration = time.Millisecond }, "providerPollInterval:"},
+		{"max uses zero", func(c *Config) { c.KEK.MaxUses = 0 }, "kek.maxUses:"},
+		{"cache zero", func(c *Config) { c.KEK.CacheSize = 0 }, "kek.cacheSize:"},
+		{"max age", func(c *Config) { c.KEK.MaxAge.Duration = time.Second }, "kek.maxAge:"},
+		{"log format", func(c *Config) { c.Log.Format = "xml" }, "log.format:"},
+		{"log level", func(c *Config) { c.Log.Level = "loud" }, "log.level:"},
+		{"shutdown", func(c *Config) { c.ShutdownTimeout.Duration = 0 }, "shutdownTimeout:"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := Default()
+			tt.mutate(&cfg)
+			err := cfg.Validate()
+			if err == nil || !strings.HasPrefix(err.Error(), tt.field) || strings.Contains(err.Error(), "\n") {
+				t.Fatalf("Validate = %v; want one line starting with %q", err, tt.field)
+			}
+		})
+	}
+}

@@ -1,0 +1,506 @@
+// Package envelope is the plugin's key hierarchy: it wraps kube-apiserver's
+// DEK seeds with local key-encryption keys (KEKs) held only in memory, and
+// has each local KEK wrapped once by the remote key of a provider.Provider.
+//
+// The wrapped local KEK travels with every ciphertext in the KMS v2
+// annotations, so any node that can reach the key store can decrypt, and
+// nothing secret is written to disk. Remote calls are O(local KEKs), not
+// O(seeds) or O(objects): Decrypt unwraps a local KEK once and caches it, and
+// Encrypt never calls the key store at all. A key-store outage therefore
+// stops neither writes nor reads of anything already cached.
+//
+// The promise: every ciphertext this package ever wrote stays readable for as
+// long as the provider can unwrap its local KEK. Format changes add a version;
+// they never change one (see format.go and the golden vectors in testdata/).
+//
+// Service implements k8s.io/kms/pkg/service.Service with plain Go types; the
+// gRPC server lives in internal/server.
+package envelope
+
+import (
+	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	kmsservice "k8s.io/kms/pkg/service"
+
+	"github.com/kms-plugin/kms-plugin/internal/provider"
+)
+
+// Error values returned by Service. The gRPC server maps them to status codes.
+var (
+	// ErrInvalidInput means a request is malformed, tampered with or does
+	// not belong to its key_id (gRPC InvalidArgument).
+	ErrInvalidInput = errors.New("invalid input")
+	// ErrNotReady means no local KEK exists yet because the key store has
+	// not answered since start (gRPC Unavailable).
+	ErrNotReady = errors.New("no key-encryption key yet")
+)
+
+// Defaults for Config fields left zero.
+const (
+	DefaultPollInterval  = 60 * time.Second
+	DefaultRetryInterval = 10 * time.Second
+	DefaultKEKMaxAge     = 7 * 24 * time.Hour
+	DefaultKEKMaxUses    = 1 << 20
+	DefaultCacheSize     = 10000
+	DefaultRemoteTimeout = 10 * time.Second
+
+	// hardKEKMaxUses is where a local KEK stops encrypting even when a new
+	// one cannot be made: 2^32 random 96-bit nonces under one AES-GCM key.
+	hardKEKMaxUses = 1 << 32
+)
+
+// Config configures a Service. Zero values are safe defaults.
+type Config struct {
+	// Provider holds the remote KEK. Required.
+	Provider provider.Provider
+	// PollInterval is how often Run asks the provider for its current key
+	// version. Default 60 s.
+	PollInterval time.Duration
+	// RetryInterval is how soon Run polls again after a failed poll.
+	// Default 10 s, never more than PollInterval.
+	RetryInterval time.Duration
+	// KEKMaxAge and KEKMaxUses bound how long and how often one local KEK
+	// encrypts before a new one is made. Defaults 7 days and 2^20.
+	KEKMaxAge  time.Duration
+	KEKMaxUses uint64
+	// CacheSize bounds the number of unwrapped local KEKs kept. Default 10000.
+	CacheSize int
+	// RemoteTimeout bounds each call to the provider. Default 10 s.
+	RemoteTimeout time.Duration
+	// Now returns the current time. Default time.Now.
+	Now func() time.Time
+	// Rand is the source of keys and nonces. Default crypto/rand.Reader.
+	Rand io.Reader
+	// Logger receives key lifecycle events. Default: no logging.
+	Logger *zap.Logger
+}
+
+// Service is the key hierarchy. Its methods are safe for concurrent use.
+// Run keeps its view of the provider fresh; Status, Encrypt and Decrypt of
+// cached local KEKs never call the provider.
+type Service struct {
+	cfg      Config
+	provider provider.Provider
+	log      *zap.Logger
+
+	active  atomic.Pointer[localKEK]
+	rotate  sync.Mutex // serializes making new local KEKs
+	cache   *kekCache
+	flights flights
+	health  atomic.Pointer[health]
+
+	cacheHits, cacheMisses, unwraps, keksCreated atomic.Uint64
+}
+
+var _ kmsservice.Service = (*Service)(nil)
+
+// localKEK is the local KEK that Encrypt uses now.
+type localKEK struct {
+	entry      *cacheEntry
+	annotation []byte // the lkek annotation value
+	created    time.Time
+	uses       atomic.Uint64
+}
+
+// health is the outcome of the last provider poll.
+type health struct {
+	attempt       time.Time
+	success       time.Time
+	err           error
+	remoteVersion string
+}
+
+// New returns a Service. It makes no remote call: call Refresh or Run.
+func New(cfg Config) (*Service, error) {
+	if cfg.Provider == nil {
+		return nil, errors.New("envelope: no provider")
+	}
+	if cfg.PollInterval <= 0 {
+		cfg.PollInterval = DefaultPollInterval
+	}
+	if cfg.RetryInterval <= 0 {
+		cfg.RetryInterval = DefaultRetryInterval
+	}
+	cfg.RetryInterval = min(cfg.RetryInterval, cfg.PollInterval)
+	if cfg.KEKMaxAge <= 0 {
+		cfg.KEKMaxAge = DefaultKEKMaxAge
+	}
+	if cfg.KEKMaxUses == 0 {
+		cfg.KEKMaxUses = DefaultKEKMaxUses
+	}
+	cfg.KEKMaxUses = min(cfg.KEKMaxUses, hardKEKMaxUses)
+	if cfg.CacheSize <= 0 {
+		cfg.CacheSize = DefaultCacheSize
+	}
+	if cfg.RemoteTimeout <= 0 {
+		cfg.RemoteTimeout = DefaultRemoteTimeout
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Reader
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	s := &Service{
+		cfg:      cfg,
+		provider: cfg.Provider,
+		log:      cfg.Logger,
+		cache:    newKEKCache(cfg.CacheSize),
+	}
+	s.health.Store(&health{})
+	return s, nil
+}
+
+// Run polls the provider until ctx ends: every PollInterval, or every
+// RetryInterval after a failure. It returns nil when ctx is canceled.
+func (s *Service) Run(ctx context.Context) error {
+	for {
+		wait := s.cfg.PollInterval
+		if err := s.Refresh(ctx); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			s.log.Warn("key store poll failed; serving from the current local KEK", zap.Error(err), zap.Duration("retryIn", s.cfg.RetryInterval))
+			wait = s.cfg.RetryInterval
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// Refresh asks the provider for its current key version and makes a new
+// local KEK when the version changed or the current one reached its age
+// limit. Status answers from what Refresh last saw.
+func (s *Service) Refresh(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.RemoteTimeout)
+	defer cancel()
+	attempt := s.cfg.Now()
+	prev := s.health.Load()
+	version, err := s.provider.CurrentVersion(ctx)
+	if err == nil {
+		a := s.active.Load()
+		if a == nil || a.entry.remoteVersion != version || s.expired(a, attempt) {
+			_, err = s.newLocalKEK(ctx, a)
+		}
+	}
+	h := &health{attempt: attempt, success: prev.success, err: err, remoteVersion: prev.remoteVersion}
+	if err == nil {
+		h.success, h.remoteVersion = attempt, version
+	}
+	s.health.Store(h)
+	if err != nil {
+		return fmt.Errorf("refresh: %w", err)
+	}
+	return nil
+}
+
+// expired reports whether a has reached its configured age or usage limit.
+func (s *Service) expired(a *localKEK, now time.Time) bool {
+	return now.Sub(a.created) >= s.cfg.KEKMaxAge || a.uses.Load() >= s.cfg.KEKMaxUses
+}
+
+// newLocalKEK makes a local KEK, has the provider wrap it and makes it
+// active, unless another caller already replaced old.
+func (s *Service) newLocalKEK(ctx context.Context, old *localKEK) (*localKEK, error) {
+	s.rotate.Lock()
+	defer s.rotate.Unlock()
+	if cur := s.active.Load(); cur != old {
+		return cur, nil
+	}
+	key := make([]byte, localKEKSize)
+	if _, err := io.ReadFull(s.cfg.Rand, key); err != nil {
+		return nil, fmt.Errorf("generate local KEK: %w", err)
+	}
+	w, err := s.provider.Wrap(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("wrap local KEK: %w", err)
+	}
+	if w.Version == "" || len(w.Version) > maxRemoteVersionSize || len(w.Ciphertext) == 0 || len(w.Ciphertext) > maxWrappedKEKSize {
+		return nil, fmt.Errorf("wrap local KEK: provider %s returned a wrapped key outside the supported sizes", s.provider.Name())
+	}
+	aead, err := newAEAD(key)
+	if err != nil {
+		return nil, err
+	}
+	clear(key)
+	annotation := encodeLocalKEK(w.Version, w.Ciphertext)
+	e := &cacheEntry{
+		ref:           sha256.Sum256(annotation),
+		aead:          aead,
+		remoteVersion: w.Version,
+		keyID:         DeriveKeyID(s.provider.Name(), w.Version),
+	}
+	s.cache.add(e)
+	next := &localKEK{entry: e, annotation: annotation, created: s.cfg.Now()}
+	s.active.Store(next)
+	s.keksCreated.Add(1)
+	fields := []zap.Field{zap.String("keyIDHash", KeyIDHash(e.keyID)), zap.String("remoteVersion", w.Version)}
+	switch {
+	case old == nil:
+		s.log.Info("local KEK created", fields...)
+	case old.entry.remoteVersion != w.Version:
+		s.log.Info("remote key version changed; new key_id", append(fields, zap.String("previousKeyIDHash", KeyIDHash(old.entry.keyID)))...)
+	default:
+		s.log.Info("local KEK replaced after its age or usage limit", fields...)
+	}
+	return next, nil
+}
+
+// Status implements kmsservice.Service from state kept by Refresh. It never
+// calls the provider. It reports "ok" while a local KEK exists, so a key
+// store outage does not stop writes; /readyz reports the outage.
+func (s *Service) Status(ctx context.Context) (*kmsservice.StatusResponse, error) {
+	a := s.active.Load()
+	if a == nil {
+		return &kmsservice.StatusResponse{Version: "v2", Healthz: "not ready: the key store has not answered since start", KeyID: "pending"}, nil
+	}
+	return &kmsservice.StatusResponse{Version: "v2", Healthz: "ok", KeyID: a.entry.keyID}, nil
+}
+
+// Encrypt implements kmsservice.Service: it encrypts a DEK seed with the
+// current local KEK. It calls the provider only when the local KEK reached its
+// usage limit.
+func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*kmsservice.EncryptResponse, error) {
+	if len(plaintext) == 0 {
+		return nil, fmt.Errorf("%w: plaintext is empty", ErrInvalidInput)
+	}
+	if len(plaintext) > MaxPlaintextSize {
+		return nil, fmt.Errorf("%w: plaintext is %d bytes, more than %d", ErrInvalidInput, len(plaintext), MaxPlaintextSize)
+	}
+	a, err := s.kekForEncrypt(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]byte, 1+nonceSize, 1+nonceSize+len(plaintext)+tagSize)
+	out[0] = FormatVersion
+	if _, err := io.ReadFull(s.cfg.Rand, out[1:]); err != nil {
+		return nil, fmt.Errorf("generate nonce: %w", err)
+	}
+	out = a.entry.aead.Seal(out, out[1:], plaintext, ciphertextAAD(a.entry.keyID, a.entry.ref))
+	return &kmsservice.EncryptResponse{
+		Ciphertext: out,
+		KeyID:      a.entry.keyID,
+		Annotations: map[string][]byte{
+			AnnotationVersion:  []byte(formatVersionText),
+			AnnotationLocalKEK: a.annotation,
+		},
+	}, nil
+}
+
+// kekForEncrypt returns the active local KEK, replacing it first when it
+// reached its usage or age limit. When no replacement can be made it keeps
+// the current one up to the hard AES-GCM limit.
+func (s *Service) kekForEncrypt(ctx context.Context) (*localKEK, error) {
+	a := s.active.Load()
+	if a == nil {
+		return nil, ErrNotReady
+	}
+	uses := a.uses.Add(1)
+	if uses <= s.cfg.KEKMaxUses && s.cfg.Now().Sub(a.created) < s.cfg.KEKMaxAge {
+		return a, nil
+	}
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.RemoteTimeout)
+	defer cancel()
+	next, err := s.newLocalKEK(rctx, a)
+	if err == nil {
+		next.uses.Add(1)
+		return next, nil
+	}
+	if uses >= hardKEKMaxUses {
+		return nil, fmt.Errorf("local KEK reached %d uses and no new one could be made: %w", uint64(hardKEKMaxUses), err)
+	}
+	s.log.Warn("could not replace the local KEK at its limit; still using it", zap.Error(err))
+	return a, nil
+}
+
+// Decrypt implements kmsservice.Service. It finds the local KEK named by the
+// annotations in the cache, or unwraps it once through the provider
+// (concurrent misses share one call), and opens the ciphertext.
+func (s *Service) Decrypt(ctx context.Context, uid string, req *kmsservice.DecryptRequest) ([]byte, error) {
+	if req == nil {
+		return nil, fmt.Errorf("%w: empty request", ErrInvalidInput)
+	}
+	if err := validateDecrypt(req); err != nil {
+		return nil, err
+	}
+	annotation := req.Annotations[AnnotationLocalKEK]
+	remoteVersion, wrapped, err := decodeLocalKEK(annotation)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalidInput, err)
+	}
+	if want := DeriveKeyID(s.provider.Name(), remoteVersion); req.KeyID != want {
+		return nil, fmt.Errorf("%w: key_id does not belong to the key that wrapped this ciphertext (unknown key_id, or ciphertext moved to another key_id)", ErrInvalidInput)
+	}
+	ref := sha256.Sum256(annotation)
+	e, err := s.lookup(ctx, ref, provider.WrappedKey{Version: remoteVersion, Ciphertext: wrapped})
+	if err != nil {
+		return nil, err
+	}
+	ct := req.Ciphertext
+	plaintext, err := e.aead.Open(nil, ct[1:1+nonceSize], ct[1+nonceSize:], ciphertextAAD(req.KeyID, ref))
+	if err != nil {
+		return nil, fmt.Errorf("%w: ciphertext does not authenticate with its key_id and annotations", ErrInvalidInput)
+	}
+	return plaintext, nil
+}
+
+func validateDecrypt(req *kmsservice.DecryptRequest) error {
+	switch {
+	case req.KeyID == "":
+		return fmt.Errorf("%w: key_id is empty", ErrInvalidInput)
+	case len(req.KeyID) > maxKeyIDSize:
+		return fmt.Errorf("%w: key_id is %d bytes, more than %d", ErrInvalidInput, len(req.KeyID), maxKeyIDSize)
+	case len(req.Ciphertext) == 0:
+		return fmt.Errorf("%w: ciphertext is empty", ErrInvalidInput)
+	case len(req.Ciphertext) > maxCiphertextSize:
+		return fmt.Errorf("%w: ciphertext is %d bytes, more than %d", ErrInvalidInput, len(req.Ciphertext), maxCiphertextSize)
+	case req.Ciphertext[0] != FormatVersion:
+		return fmt.Errorf("%w: ciphertext has unsupported format version %d", ErrInvalidInput, req.Ciphertext[0])
+	case len(req.Ciphertext) < 1+nonceSize+tagSize+1:
+		return fmt.Errorf("%w: ciphertext is truncated (%d bytes)", ErrInvalidInput, len(req.Ciphertext))
+	case annotationsSize(req.Annotations) > maxAnnotationsSize:
+		return fmt.Errorf("%w: annotations are larger than %d bytes", ErrInvalidInput, maxAnnotationsSize)
+	}
+	v, ok := req.Annotations[AnnotationVersion]
+	switch {
+	case !ok:
+		return fmt.Errorf("%w: annotation %s is missing", ErrInvalidInput, AnnotationVersion)
+	case string(v) != formatVersionText:
+		return fmt.Errorf("%w: annotation %s names an unsupported format version", ErrInvalidInput, AnnotationVersion)
+	}
+	if _, ok := req.Annotations[AnnotationLocalKEK]; !ok {
+		return fmt.Errorf("%w: annotation %s is missing", ErrInvalidInput, AnnotationLocalKEK)
+	}
+	return nil
+}
+
+// lookup returns the unwrapped local KEK for ref from the cache, or unwraps
+// it. Concurrent misses for one ref share a single provider call, which runs
+// on its own deadline so that one caller giving up does not fail the others.
+func (s *Service) lookup(ctx context.Context, ref [32]byte, w provider.WrappedKey) (*cacheEntry, error) {
+	if a := s.active.Load(); a != nil && a.entry.ref == ref {
+		s.cacheHits.Add(1)
+		return a.entry, nil
+	}
+	if e, ok := s.cache.get(ref); ok {
+		s.cacheHits.Add(1)
+		return e, nil
+	}
+	s.cacheMisses.Add(1)
+	fl, leader := s.flights.start(ref)
+	if leader {
+		go func() {
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.RemoteTimeout)
+			defer cancel()
+			e, err := s.unwrap(rctx, ref, w)
+			s.flights.finish(ref, fl, e, err)
+		}()
+	}
+	select {
+	case <-fl.done:
+		return fl.entry, fl.err
+	case <-ctx.Done():
+		return nil, fmt.Errorf("unwrap local KEK: %w", ctx.Err())
+	}
+}
+
+func (s *Service) unwrap(ctx context.Context, ref [32]byte, w provider.WrappedKey) (*cacheEntry, error) {
+	if e, ok := s.cache.get(ref); ok { // filled while this flight was starting
+		return e, nil
+	}
+	s.unwraps.Add(1)
+	key, err := s.provider.Unwrap(ctx, w)
+	if err != nil {
+		return nil, fmt.Errorf("unwrap local KEK: %w", err)
+	}
+	defer clear(key)
+	if len(key) != localKEKSize {
+		return nil, fmt.Errorf("%w: unwrapped local KEK has %d bytes, want %d", ErrInvalidInput, len(key), localKEKSize)
+	}
+	aead, err := newAEAD(key)
+	if err != nil {
+		return nil, err
+	}
+	e := &cacheEntry{ref: ref, aead: aead, remoteVersion: w.Version, keyID: DeriveKeyID(s.provider.Name(), w.Version)}
+	s.cache.add(e)
+	return e, nil
+}
+
+func newAEAD(key []byte) (cipher.AEAD, error) {
+	block, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, fmt.Errorf("local KEK cipher: %w", err)
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		return nil, fmt.Errorf("local KEK cipher: %w", err)
+	}
+	return aead, nil
+}
+
+// Stats is a snapshot of the Service for /status and metrics.
+type Stats struct {
+	Provider       string
+	KeyID          string
+	RemoteVersion  string
+	Ready          bool
+	LastAttempt    time.Time
+	LastSuccess    time.Time
+	LastError      string
+	LocalKEKAge    time.Duration
+	LocalKEKUses   uint64
+	LocalKEKs      uint64 // created since start
+	CacheEntries   int
+	CacheCapacity  int
+	CacheHits      uint64
+	CacheMisses    uint64
+	ProviderUnwrap uint64
+}
+
+// Stats returns a snapshot. Ready means a local KEK exists, the last poll of
+// the provider succeeded and it is no older than three poll intervals.
+func (s *Service) Stats() Stats {
+	now := s.cfg.Now()
+	h := s.health.Load()
+	st := Stats{
+		Provider:       s.provider.Name(),
+		RemoteVersion:  h.remoteVersion,
+		LastAttempt:    h.attempt,
+		LastSuccess:    h.success,
+		LocalKEKs:      s.keksCreated.Load(),
+		CacheEntries:   s.cache.len(),
+		CacheCapacity:  s.cfg.CacheSize,
+		CacheHits:      s.cacheHits.Load(),
+		CacheMisses:    s.cacheMisses.Load(),
+		ProviderUnwrap: s.unwraps.Load(),
+	}
+	if h.err != nil {
+		st.LastError = h.err.Error()
+	}
+	if a := s.active.Load(); a != nil {
+		st.KeyID = a.entry.keyID
+		st.LocalKEKAge = now.Sub(a.created)
+		st.LocalKEKUses = a.uses.Load()
+		st.Ready = h.err == nil && !h.success.IsZero() && now.Sub(h.success) <= 3*s.cfg.PollInterval
+	}
+	return st
+}

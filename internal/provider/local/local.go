@@ -1,0 +1,475 @@
+// Package local is the provider backed by a Tink keyset in a file that only
+// its owner may read: the embedded default, for single nodes, demos and tests.
+//
+// Every key of the keyset is an AES-256-GCM key. The primary key wraps; any
+// enabled key unwraps. Rotation adds a key and makes it primary; retiring a
+// key disables it in the keyset (its material stays, so it can be enabled
+// again). Every change rewrites the file atomically (temporary file, fsync,
+// rename) under an exclusive lock, so a crash leaves either the old keyset or
+// the new one, never a torn file. A running plugin notices a changed file
+// (its inode, size or modification time) the next time it polls
+// CurrentVersion, or when asked to unwrap with a version it does not know.
+package local
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/tink-crypto/tink-go/v2/aead"
+	"github.com/tink-crypto/tink-go/v2/insecurecleartextkeyset"
+	"github.com/tink-crypto/tink-go/v2/keyset"
+	tinkpb "github.com/tink-crypto/tink-go/v2/proto/tink_go_proto"
+	"github.com/tink-crypto/tink-go/v2/tink"
+
+	"github.com/kms-plugin/kms-plugin/internal/provider"
+)
+
+// Name is the provider name used in metrics, logs and configuration.
+const Name = "local"
+
+// wrapAssociatedData binds every wrap of this provider to its purpose.
+var wrapAssociatedData = []byte("kms-plugin local provider: wrapped local KEK v1")
+
+// tinkPrefix is the first byte of a Tink ciphertext made with a TINK output
+// prefix, followed by the 4-byte big-endian key ID.
+const (
+	tinkPrefixByte = 0x01
+	tinkPrefixLen  = 5
+)
+
+// Config configures a Provider. The zero value of every field but Path is a
+// safe default.
+type Config struct {
+	// Path is the keyset file. Required.
+	Path string
+	// Create makes New write a fresh keyset (one key) when Path does not
+	// exist. Without it a missing file is an error.
+	Create bool
+}
+
+// Provider is the local keyset provider. It is safe for concurrent use.
+type Provider struct {
+	path string
+
+	// mu serializes reloads; readers use state without it.
+	mu    sync.Mutex
+	state atomic.Pointer[keysetState]
+}
+
+// keysetState is one loaded version of the keyset file.
+type keysetState struct {
+	file    fileID
+	primary uint32
+	aead    tink.AEAD
+	keys    map[uint32]tinkpb.KeyStatusType
+}
+
+// fileID identifies one written version of the keyset file.
+type fileID struct {
+	ino   uint64
+	size  int64
+	mtime time.Time
+}
+
+var (
+	_ provider.Provider      = (*Provider)(nil)
+	_ provider.Rotator       = (*Provider)(nil)
+	_ provider.Retirer       = (*Provider)(nil)
+	_ provider.HealthChecker = (*Provider)(nil)
+	_ provider.VersionLister = (*Provider)(nil)
+)
+
+// New loads the keyset at cfg.Path, creating it first when cfg.Create is set
+// and the file does not exist.
+func New(cfg Config) (*Provider, error) {
+	if cfg.Path == "" {
+		return nil, errors.New("local: keyset path is empty")
+	}
+	p := &Provider{path: cfg.Path}
+	if cfg.Create {
+		if err := p.createIfMissing(); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := p.reload(true); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// Name implements provider.Provider.
+func (p *Provider) Name() string { return Name }
+
+// Path returns the keyset file path.
+func (p *Provider) Path() string { return p.path }
+
+// CurrentVersion implements provider.Provider. It reloads the keyset when the
+// file has changed.
+func (p *Provider) CurrentVersion(ctx context.Context) (string, error) {
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	st, err := p.reload(false)
+	if err != nil {
+		return "", err
+	}
+	return formatVersion(st.primary), nil
+}
+
+// Wrap implements provider.Provider.
+func (p *Provider) Wrap(ctx context.Context, key []byte) (provider.WrappedKey, error) {
+	if err := ctx.Err(); err != nil {
+		return provider.WrappedKey{}, err
+	}
+	st := p.state.Load()
+	ct, err := st.aead.Encrypt(key, wrapAssociatedData)
+	if err != nil {
+		return provider.WrappedKey{}, fmt.Errorf("local: wrap with version %d: %w", st.primary, err)
+	}
+	return provider.WrappedKey{Version: formatVersion(st.primary), Ciphertext: ct}, nil
+}
+
+// Unwrap implements provider.Provider.
+func (p *Provider) Unwrap(ctx context.Context, w provider.WrappedKey) ([]byte, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	id, err := parseVersion(w.Version)
+	if err != nil {
+		return nil, fmt.Errorf("local: unwrap: %w", err)
+	}
+	st := p.state.Load()
+	status, ok := st.keys[id]
+	if !ok {
+		// Another process may have rotated the keyset: look again once.
+		if st, err = p.reload(false); err != nil {
+			return nil, err
+		}
+		status, ok = st.keys[id]
+	}
+	switch {
+	case !ok:
+		return nil, fmt.Errorf("local: unwrap with version %d: %w", id, provider.ErrKeyNotFound)
+	case status != tinkpb.KeyStatusType_ENABLED:
+		return nil, fmt.Errorf("local: unwrap with version %d: %w", id, provider.ErrKeyDisabled)
+	}
+	if len(w.Ciphertext) <= tinkPrefixLen || w.Ciphertext[0] != tinkPrefixByte ||
+		binary.BigEndian.Uint32(w.Ciphertext[1:tinkPrefixLen]) != id {
+		return nil, fmt.Errorf("local: unwrap with version %d: ciphertext was not made by this version: %w", id, provider.ErrInvalidCiphertext)
+	}
+	key, err := st.aead.Decrypt(w.Ciphertext, wrapAssociatedData)
+	if err != nil {
+		return nil, fmt.Errorf("local: unwrap with version %d: authentication failed: %w", id, provider.ErrInvalidCiphertext)
+	}
+	return key, nil
+}
+
+// Health implements provider.HealthChecker: the keyset file must still be
+// readable and parse.
+func (p *Provider) Health(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	_, err := p.reload(false)
+	return err
+}
+
+// Versions implements provider.VersionLister, ordered by key ID.
+func (p *Provider) Versions(ctx context.Context) ([]provider.VersionInfo, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	st, err := p.reload(false)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]provider.VersionInfo, 0, len(st.keys))
+	for id, status := range st.keys {
+		state := provider.VersionEnabled
+		if status != tinkpb.KeyStatusType_ENABLED {
+			state = provider.VersionDisabled
+		}
+		out = append(out, provider.VersionInfo{Version: formatVersion(id), State: state, Current: id == st.primary})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Version < out[j].Version })
+	return out, nil
+}
+
+// Rotate implements provider.Rotator: it adds an AES-256-GCM key, makes it
+// primary and rewrites the file.
+func (p *Provider) Rotate(ctx context.Context) (string, error) {
+	var newID uint32
+	err := p.update(ctx, func(m *keyset.Manager) error {
+		id, err := m.Add(aead.AES256GCMKeyTemplate())
+		if err != nil {
+			return fmt.Errorf("add key: %w", err)
+		}
+		if err := m.SetPrimary(id); err != nil {
+			return fmt.Errorf("set primary %d: %w", id, err)
+		}
+		newID = id
+		return nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("local: rotate: %w", err)
+	}
+	return formatVersion(newID), nil
+}
+
+// Retire implements provider.Retirer: it disables version in the keyset.
+func (p *Provider) Retire(ctx context.Context, version string) error {
+	id, err := parseVersion(version)
+	if err != nil {
+		return fmt.Errorf("local: retire: %w", err)
+	}
+	err = p.update(ctx, func(m *keyset.Manager) error {
+		h, err := m.Handle()
+		if err != nil {
+			return err
+		}
+		info := h.KeysetInfo()
+		if info.GetPrimaryKeyId() == id {
+			return fmt.Errorf("version %d is the current version; rotate first", id)
+		}
+		if !hasKey(info, id) {
+			return fmt.Errorf("version %d: %w", id, provider.ErrKeyNotFound)
+		}
+		return m.Disable(id)
+	})
+	if err != nil {
+		return fmt.Errorf("local: retire: %w", err)
+	}
+	return nil
+}
+
+// update applies change to the keyset under an exclusive file lock and writes
+// the result atomically.
+func (p *Provider) update(ctx context.Context, change func(*keyset.Manager) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	unlock, err := lockFile(p.path + ".lock")
+	if err != nil {
+		return err
+	}
+	defer unlock()
+
+	h, _, err := readKeyset(p.path)
+	if err != nil {
+		return err
+	}
+	m := keyset.NewManagerFromHandle(h)
+	if err := change(m); err != nil {
+		return err
+	}
+	nh, err := m.Handle()
+	if err != nil {
+		return fmt.Errorf("build keyset: %w", err)
+	}
+	if err := writeKeyset(p.path, nh); err != nil {
+		return err
+	}
+	_, err = p.reload(true)
+	return err
+}
+
+func (p *Provider) createIfMissing() error {
+	if _, err := os.Lstat(p.path); err == nil {
+		return nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("local: stat keyset %s: %w", p.path, err)
+	}
+	if err := os.MkdirAll(filepath.Dir(p.path), 0o700); err != nil {
+		return fmt.Errorf("local: create keyset directory: %w", err)
+	}
+	unlock, err := lockFile(p.path + ".lock")
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if _, err := os.Lstat(p.path); err == nil {
+		return nil // created meanwhile by another process
+	}
+	h, err := keyset.NewHandle(aead.AES256GCMKeyTemplate())
+	if err != nil {
+		return fmt.Errorf("local: generate keyset: %w", err)
+	}
+	return writeKeyset(p.path, h)
+}
+
+// reload re-reads the keyset file when it changed since the last load, or
+// always when force is set, and returns the state now in use.
+func (p *Provider) reload(force bool) (*keysetState, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	cur := p.state.Load()
+	if !force && cur != nil {
+		id, err := statFile(p.path)
+		if err != nil {
+			return nil, err
+		}
+		if id == cur.file {
+			return cur, nil
+		}
+	}
+	h, id, err := readKeyset(p.path)
+	if err != nil {
+		return nil, err
+	}
+	primitive, err := aead.New(h)
+	if err != nil {
+		return nil, fmt.Errorf("local: keyset %s: %w", p.path, err)
+	}
+	info := h.KeysetInfo()
+	keys := make(map[uint32]tinkpb.KeyStatusType, len(info.GetKeyInfo()))
+	for _, k := range info.GetKeyInfo() {
+		if k.GetOutputPrefixType() != tinkpb.OutputPrefixType_TINK {
+			return nil, fmt.Errorf("local: keyset %s: key %d has output prefix %s; want TINK", p.path, k.GetKeyId(), k.GetOutputPrefixType())
+		}
+		keys[k.GetKeyId()] = k.GetStatus()
+	}
+	st := &keysetState{file: id, primary: info.GetPrimaryKeyId(), aead: primitive, keys: keys}
+	p.state.Store(st)
+	return st, nil
+}
+
+func readKeyset(path string) (*keyset.Handle, fileID, error) {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return nil, fileID{}, fmt.Errorf("local: keyset: %w", err)
+	}
+	if fi.Mode()&fs.ModeSymlink != 0 {
+		// Kubernetes Secret volumes use symlinks; follow them but check the
+		// target's mode below.
+		if fi, err = os.Stat(path); err != nil {
+			return nil, fileID{}, fmt.Errorf("local: keyset: %w", err)
+		}
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fileID{}, fmt.Errorf("local: keyset %s is not a regular file", path)
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fileID{}, fmt.Errorf("local: keyset %s has mode %#o; it holds the root key and must be readable by its owner only (chmod 600)", path, perm)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fileID{}, fmt.Errorf("local: read keyset: %w", err)
+	}
+	h, err := insecurecleartextkeyset.Read(keyset.NewJSONReader(bytes.NewReader(data)))
+	if err != nil {
+		return nil, fileID{}, fmt.Errorf("local: parse keyset %s: %w", path, err)
+	}
+	return h, fileIDOf(fi), nil
+}
+
+func writeKeyset(path string, h *keyset.Handle) error {
+	var buf bytes.Buffer
+	if err := insecurecleartextkeyset.Write(h, keyset.NewJSONWriter(&buf)); err != nil {
+		return fmt.Errorf("local: serialize keyset: %w", err)
+	}
+	if err := writeFileAtomic(path, buf.Bytes(), 0o600); err != nil {
+		return fmt.Errorf("local: write keyset: %w", err)
+	}
+	return nil
+}
+
+// writeFileAtomic writes data to a temporary file beside path, syncs it and
+// renames it over path, then syncs the directory.
+func writeFileAtomic(path string, data []byte, perm fs.FileMode) (err error) {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			_ = f.Close()
+			_ = os.Remove(f.Name())
+		}
+	}()
+	if err = f.Chmod(perm); err != nil {
+		return err
+	}
+	if _, err = f.Write(data); err != nil {
+		return err
+	}
+	if err = f.Sync(); err != nil {
+		return err
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	if err = os.Rename(f.Name(), path); err != nil {
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// lockFile takes an exclusive advisory lock that serializes writers of the
+// keyset across processes.
+func lockFile(path string) (func(), error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("local: open lock %s: %w", path, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("local: lock %s: %w", path, err)
+	}
+	return func() {
+		_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+		f.Close()
+	}, nil
+}
+
+func statFile(path string) (fileID, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fileID{}, fmt.Errorf("local: keyset: %w", err)
+	}
+	return fileIDOf(fi), nil
+}
+
+func fileIDOf(fi fs.FileInfo) fileID {
+	id := fileID{size: fi.Size(), mtime: fi.ModTime()}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		id.ino = st.Ino
+	}
+	return id
+}
+
+func hasKey(info *tinkpb.KeysetInfo, id uint32) bool {
+	for _, k := range info.GetKeyInfo() {
+		if k.GetKeyId() == id {
+			return true
+		}
+	}
+	return false
+}
+
+func formatVersion(id uint32) string { return strconv.FormatUint(uint64(id), 10) }
+
+func parseVersion(v string) (uint32, error) {
+	id, err := strconv.ParseUint(v, 10, 32)
+	if err != nil {
+		return 0, fmt.Errorf("version %q is not a local keyset key ID: %w", v, provider.ErrKeyNotFound)
+	}
+	return uint32(id), nil
+}
