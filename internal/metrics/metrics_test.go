@@ -1,0 +1,105 @@
+package metrics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/kms-plugin/kms-plugin/internal/envelope"
+	"github.com/kms-plugin/kms-plugin/internal/provider"
+	"github.com/kms-plugin/kms-plugin/internal/provider/local"
+	"github.com/kms-plugin/kms-plugin/internal/provider/providertest"
+)
+
+func TestOutcome(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		want string
+	}{
+		{nil, "ok"},
+		{fmt.Errorf("x: %w", provider.ErrUnavailable), "unavailable"},
+		{provider.ErrPermissionDenied, "permission_denied"},
+		{provider.ErrKeyNotFound, "not_found"},
+		{provider.ErrKeyDisabled, "disabled"},
+		{provider.ErrInvalidCiphertext, "invalid_ciphertext"},
+		{context.DeadlineExceeded, "timeout"},
+		{errors.New("vault said: secret-token-123"), "error"},
+	} {
+		if got := Outcome(tt.err); got != tt.want {
+			t.Errorf("Outcome(%v) = %q; want %q", tt.err, got, tt.want)
+		}
+	}
+}
+
+func TestProviderAndStatsMetrics(t *testing.T) {
+	ctx := context.Background()
+	lp, err := local.New(local.Config{Path: filepath.Join(t.TempDir(), "k.json"), Create: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	faulty := providertest.NewFaulty(lp)
+	reg := prometheus.NewRegistry()
+	var svc *envelope.Service
+	m, err := New(reg, func() envelope.Stats { return svc.Stats() })
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, _ = envelope.New(envelope.Config{Provider: m.InstrumentProvider(faulty)})
+	if err := svc.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	faulty.SetError(fmt.Errorf("down: %w", provider.ErrUnavailable))
+	_ = svc.Refresh(ctx)
+	m.ObserveRPC("Encrypt", "OK", time.Millisecond)
+
+	want := `
+# HELP kms_plugin_provider_calls_total Calls to the key store by provider, operation and outcome.
+# TYPE kms_plugin_provider_calls_total counter
+kms_plugin_provider_calls_total{operation="current_version",outcome="ok",provider="local"} 1
+kms_plugin_provider_calls_total{operation="current_version",outcome="unavailable",provider="local"} 1
+kms_plugin_provider_calls_total{operation="wrap",outcome="ok",provider="local"} 1
+# HELP kms_plugin_grpc_requests_total KMS v2 gRPC requests by method and status code.
+# TYPE kms_plugin_grpc_requests_total counter
+kms_plugin_grpc_requests_total{code="OK",method="Encrypt"} 1
+# HELP kms_plugin_ready 1 when the key store answered the last poll and the state is fresh.
+# TYPE kms_plugin_ready gauge
+kms_plugin_ready 0
+# HELP kms_plugin_local_keks_created_total Local KEKs created since start.
+# TYPE kms_plugin_local_keks_created_total counter
+kms_plugin_local_keks_created_total 1
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
+		"kms_plugin_provider_calls_total", "kms_plugin_grpc_requests_total", "kms_plugin_ready", "kms_plugin_local_keks_created_total"); err != nil {
+		t.Fatal(err)
+	}
+	st := svc.Stats()
+	info := fmt.Sprintf(`
+# HELP kms_plugin_key_id_info The current key_id, as a short hash; value 1.
+# TYPE kms_plugin_key_id_info gauge
+kms_plugin_key_id_info{key_id_hash=%q,provider="local"} 1
+`, envelope.KeyIDHash(st.KeyID))
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(info), "kms_plugin_key_id_info"); err != nil {
+		t.Fatal(err)
+	}
+	// No label value may carry an error text or a raw key_id.
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		for _, mt := range mf.GetMetric() {
+			for _, l := range mt.GetLabel() {
+				if strings.Contains(l.GetValue(), "down") || l.GetValue() == st.KeyID {
+					t.Errorf("%s has label %s=%q", mf.GetName(), l.GetName(), l.GetValue())
+				}
+			}
+		}
+	}
+}
