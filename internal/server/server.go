@@ -29,9 +29,12 @@ import (
 	"github.com/kms-plugin/kms-plugin/internal/provider"
 )
 
-// maxRecvMsgSize bounds requests: a Decrypt request is at most 1 KiB of
-// ciphertext, 1 KiB of key_id and 32 KiB of annotations.
-const maxRecvMsgSize = 64 * 1024
+// maxRecvMsgSize bounds requests. A valid Decrypt request is at most 1 KiB
+// of ciphertext, 1 KiB of key_id and 32 KiB of annotations; the limit is
+// well above that so that oversized fields reach the service's validation
+// and get InvalidArgument with a message naming the field. Anything larger
+// is refused by gRPC itself with ResourceExhausted.
+const maxRecvMsgSize = 1 << 20
 
 // RPCObserver records finished requests; *metrics.Metrics implements it.
 type RPCObserver interface {

@@ -237,9 +237,9 @@ func TestRequestLogCarriesUIDNotData(t *testing.T) {
 
 func TestOversizedRequest(t *testing.T) {
 	r := start(t, Config{Service: &scripted{}})
-	_, err := r.client.Decrypt(callCtx(t), &kmsapi.DecryptRequest{Ciphertext: make([]byte, 1<<20), KeyId: "k"})
+	_, err := r.client.Decrypt(callCtx(t), &kmsapi.DecryptRequest{Ciphertext: make([]byte, 2<<20), KeyId: "k"})
 	if status.Code(err) != codes.ResourceExhausted {
-		t.Fatalf("1 MiB Decrypt = %v; want ResourceExhausted", err)
+		t.Fatalf("2 MiB Decrypt = %v; want ResourceExhausted", err)
 	}
 }
 
