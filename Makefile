@@ -44,6 +44,7 @@ e2e: build e2e-tools
 
 bench: build
 	$(GO) run ./bench -out bench/results/latest.md
+	$(GO) run ./internal/provider/azurekv/kvbench -out bench/results/azure.md
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./bench/ ./internal/envelope/
 
 fuzz:

@@ -2,6 +2,9 @@
 //
 //	kms-plugin serve     answer kube-apiserver on a Unix socket
 //	kms-plugin keyset    manage the local provider's keyset (rotate, list, retire)
+//	kms-plugin doctor    check the key store setup and print fixes
+//	kms-plugin install   install the plugin on a control-plane node
+//	kms-plugin uninstall take it off again, keeping every object readable
 //	kms-plugin version   print version information
 //
 // main only sets up the signal context and calls run; each subcommand turns
@@ -44,6 +47,9 @@ const usage = `Usage: kms-plugin COMMAND [FLAGS]
 Commands:
   serve     run the KMS v2 plugin (gRPC on a Unix socket)
   keyset    manage the local provider's keyset: rotate, list, retire
+  doctor    check the key store setup end to end and print a fix for each problem
+  install   install the plugin on this control-plane node (idempotent; --dry-run shows the diff)
+  uninstall take the plugin off this node, in stages that keep every object readable
   version   print version information
 
 Run 'kms-plugin COMMAND -h' for a command's flags.
@@ -59,6 +65,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runServe(ctx, args[1:], stdout, stderr)
 	case "keyset":
 		return runKeyset(ctx, args[1:], stdout, stderr)
+	case "doctor":
+		return runDoctor(ctx, args[1:], stdout, stderr)
+	case "install":
+		return runInstall(ctx, args[1:], stdout, stderr)
+	case "uninstall":
+		return runUninstall(ctx, args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, versionString())
 		return nil

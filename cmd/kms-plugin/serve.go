@@ -31,7 +31,7 @@ func configFlags(fs *flag.FlagSet) func() (config.Config, error) {
 	path := fs.String("config", "", "YAML config file; flags override its fields")
 	endpoint := fs.String("endpoint", def.Endpoint, "gRPC listen address, unix:///ABSOLUTE/PATH")
 	socketGroup := fs.String("socket-group", "", "group (name or gid) given to the socket, which then gets mode 0660")
-	prov := fs.String("provider", def.Provider, "key store: local")
+	prov := fs.String("provider", def.Provider, "key store: local or azurekeyvault")
 	keyset := fs.String("local-keyset", def.Local.KeysetPath, "local provider: Tink keyset file, created on first start")
 	httpAddr := fs.String("http-addr", def.HTTPAddr, "HOST:PORT for /livez, /readyz, /metrics and /status (empty disables)")
 	poll := fs.Duration("provider-poll-interval", def.ProviderPollInterval.Duration, "how often to ask the key store for its current key version")
@@ -41,6 +41,7 @@ func configFlags(fs *flag.FlagSet) func() (config.Config, error) {
 	logFormat := fs.String("log-format", def.Log.Format, "json or console")
 	logLevel := fs.String("log-level", def.Log.Level, "debug, info, warn or error")
 	shutdown := fs.Duration("shutdown-timeout", def.ShutdownTimeout.Duration, "how long SIGTERM waits for in-flight requests")
+	applyAzure := azureFlags(fs)
 
 	return func() (config.Config, error) {
 		cfg := def
@@ -78,6 +79,7 @@ func configFlags(fs *flag.FlagSet) func() (config.Config, error) {
 				cfg.ShutdownTimeout.Duration = *shutdown
 			}
 		})
+		applyAzure(&cfg)
 		if err := cfg.Validate(); err != nil {
 			return cfg, fmt.Errorf("invalid configuration: %s", strings.ReplaceAll(err.Error(), "\n", "; "))
 		}
@@ -90,6 +92,12 @@ func newProvider(cfg config.Config) (provider.Provider, error) {
 	switch cfg.Provider {
 	case config.ProviderLocal:
 		return local.New(local.Config{Path: cfg.Local.KeysetPath, Create: true})
+	case config.ProviderAzureKeyVault:
+		p, _, err := newAzureProvider(cfg.Azure, nil)
+		if err != nil {
+			return nil, err
+		}
+		return p, nil
 	default:
 		return nil, fmt.Errorf("provider: unknown provider %q", cfg.Provider)
 	}

@@ -31,6 +31,9 @@ type Config struct {
 	ProviderName string
 	// KMSTimeout is the provider's timeout; zero means 3s.
 	KMSTimeout time.Duration
+	// PluginArgs and PluginEnv are passed to the plugin (PluginConfig.Args
+	// and Env), for a provider other than the local keyset.
+	PluginArgs, PluginEnv []string
 }
 
 // Cluster is a running etcd, kms-plugin and kube-apiserver.
@@ -78,7 +81,7 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 		return c, fmt.Errorf("etcd client: %w", err)
 	}
 
-	if c.Plugin, err = NewPlugin(PluginConfig{Binary: cfg.PluginBinary, Dir: cfg.Dir}); err != nil {
+	if c.Plugin, err = NewPlugin(PluginConfig{Binary: cfg.PluginBinary, Dir: cfg.Dir, Args: cfg.PluginArgs, Env: cfg.PluginEnv}); err != nil {
 		return c, err
 	}
 	if err = c.Plugin.Start(ctx); err != nil {

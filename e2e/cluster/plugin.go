@@ -23,6 +23,10 @@ type PluginConfig struct {
 	Dir string
 	// PollInterval is --provider-poll-interval; zero means 1s.
 	PollInterval time.Duration
+	// Args are appended to serve's arguments (later flags win), for
+	// another provider; Env is added to its environment.
+	Args []string
+	Env  []string
 }
 
 // Plugin is a `kms-plugin serve` process with the local provider.
@@ -87,6 +91,8 @@ func NewPlugin(cfg PluginConfig) (*Plugin, error) {
 			"--log-format", "console",
 		},
 	}
+	p.proc.Args = append(p.proc.Args, cfg.Args...)
+	p.proc.Env = cfg.Env
 	return p, nil
 }
 

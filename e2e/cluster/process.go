@@ -26,6 +26,8 @@ type Process struct {
 	// TermSignalOK makes Stop count death by its own SIGTERM as a clean
 	// exit (etcd re-raises the signal after its graceful shutdown).
 	TermSignalOK bool
+	// Env holds KEY=VALUE pairs added to the test process's environment.
+	Env []string
 
 	mu      sync.Mutex
 	cmd     *exec.Cmd
@@ -47,6 +49,9 @@ func (p *Process) Start() error {
 	}
 	fmt.Fprintf(logFile, "\n===== %s: start %s %s =====\n", time.Now().Format(time.RFC3339Nano), p.Path, strings.Join(p.Args, " "))
 	cmd := exec.Command(p.Path, p.Args...)
+	if len(p.Env) > 0 {
+		cmd.Env = append(os.Environ(), p.Env...)
+	}
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	// Kill the child if the test process dies without running its cleanup.

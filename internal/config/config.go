@@ -9,8 +9,10 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 
@@ -19,7 +21,8 @@ import (
 
 // Provider names.
 const (
-	ProviderLocal = "local"
+	ProviderLocal         = "local"
+	ProviderAzureKeyVault = "azurekeyvault"
 )
 
 // Production paths used by the manifests in manifests/.
@@ -41,6 +44,8 @@ type Config struct {
 	Provider string `json:"provider"`
 	// Local configures the local keyset provider.
 	Local LocalConfig `json:"local"`
+	// Azure configures the Azure Key Vault / Managed HSM provider.
+	Azure AzureConfig `json:"azure"`
 	// HTTPAddr is where /livez, /readyz, /metrics and /status listen.
 	// Empty disables the HTTP server.
 	HTTPAddr string `json:"httpAddr"`
@@ -59,6 +64,63 @@ type Config struct {
 type LocalConfig struct {
 	// KeysetPath is the Tink keyset file, created on first start.
 	KeysetPath string `json:"keysetPath"`
+}
+
+// AzureConfig configures the azurekeyvault provider. Secrets are read from
+// files named here, never given inline.
+type AzureConfig struct {
+	// VaultURL is https://NAME.vault.azure.net, https://NAME.managedhsm.azure.net
+	// or a sovereign or custom cloud's equivalent.
+	VaultURL string `json:"vaultURL,omitempty"`
+	// VaultName builds VaultURL from the cloud's suffix (or VaultSuffix)
+	// when VaultURL is empty; ManagedHSM picks the Managed HSM suffix.
+	VaultName   string `json:"vaultName,omitempty"`
+	ManagedHSM  bool   `json:"managedHSM,omitempty"`
+	VaultSuffix string `json:"vaultSuffix,omitempty"`
+	// KeyName is the key. Required.
+	KeyName string `json:"keyName,omitempty"`
+	// KeyVersion pins a version; empty follows the newest enabled version.
+	KeyVersion string `json:"keyVersion,omitempty"`
+	// Cloud is AzurePublicCloud (default), AzureChinaCloud,
+	// AzureUSGovernmentCloud or AzureStackCloud.
+	Cloud string `json:"cloud,omitempty"`
+	// AuthorityHost overrides the cloud's Entra ID authority host.
+	AuthorityHost string `json:"authorityHost,omitempty"`
+	// WrapInVault wraps new local KEKs with the vault's wrapkey instead of
+	// locally with the RSA public key.
+	WrapInVault bool `json:"wrapInVault,omitempty"`
+	// DisableChallengeResourceVerification accepts a vault reached under a
+	// custom domain.
+	DisableChallengeResourceVerification bool `json:"disableChallengeResourceVerification,omitempty"`
+	// Timeout bounds each call to the vault, retries included; zero means
+	// the provider's default (8s).
+	Timeout Duration `json:"timeout,omitzero"`
+	// Credential says how to authenticate.
+	Credential AzureCredentialConfig `json:"credential"`
+}
+
+// AzureCredentialConfig selects the identity the plugin uses with Entra ID.
+type AzureCredentialConfig struct {
+	// Type is managedIdentity, workloadIdentity, clientSecret,
+	// clientCertificate or azureJSON.
+	Type string `json:"type"`
+	// TenantID and ClientID identify the app registration; for a
+	// user-assigned managed identity ClientID is its client ID.
+	TenantID string `json:"tenantID,omitempty"`
+	ClientID string `json:"clientID,omitempty"`
+	// ResourceID selects a user-assigned managed identity by resource ID.
+	ResourceID string `json:"resourceID,omitempty"`
+	// ClientSecretFile holds the client secret.
+	ClientSecretFile string `json:"clientSecretFile,omitempty"`
+	// CertificateFile holds a PEM or PKCS#12 certificate with its key;
+	// CertificatePasswordFile the PKCS#12 password.
+	CertificateFile         string `json:"certificateFile,omitempty"`
+	CertificatePasswordFile string `json:"certificatePasswordFile,omitempty"`
+	// FederatedTokenFile holds the workload identity token.
+	FederatedTokenFile string `json:"federatedTokenFile,omitempty"`
+	// AzureJSONFile is the cloud provider's azure.json
+	// (default /etc/kubernetes/azure.json).
+	AzureJSONFile string `json:"azureJSONFile,omitempty"`
 }
 
 // KEKConfig bounds local KEKs.
@@ -192,10 +254,12 @@ func (c Config) Validate() error {
 		} else if !filepath.IsAbs(c.Local.KeysetPath) {
 			bad("local.keysetPath", "%q must be an absolute path", c.Local.KeysetPath)
 		}
+	case ProviderAzureKeyVault:
+		c.Azure.validate(bad)
 	case "":
-		bad("provider", "required (one of: local)")
+		bad("provider", "required (one of: local, azurekeyvault)")
 	default:
-		bad("provider", "unknown provider %q (one of: local)", c.Provider)
+		bad("provider", "unknown provider %q (one of: local, azurekeyvault)", c.Provider)
 	}
 	if c.HTTPAddr != "" {
 		if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
@@ -228,4 +292,87 @@ func (c Config) Validate() error {
 		bad("shutdownTimeout", "%s is outside (0, 10m]", d)
 	}
 	return errors.Join(errs...)
+}
+
+var (
+	azureKeyNameRE   = regexp.MustCompile(`^[0-9a-zA-Z-]{1,127}$`)
+	azureVersionRE   = regexp.MustCompile(`^[0-9a-zA-Z]{1,64}$`)
+	azureVaultNameRE = regexp.MustCompile(`^[0-9a-zA-Z-]{3,24}$`)
+)
+
+// validate checks the azurekeyvault settings.
+func (a AzureConfig) validate(bad func(field, format string, args ...any)) {
+	switch {
+	case a.VaultURL != "" && a.VaultName != "":
+		bad("azure.vaultURL", "set vaultURL or vaultName, not both")
+	case a.VaultURL != "":
+		if u, err := url.Parse(a.VaultURL); err != nil || u.Scheme != "https" || u.Host == "" || (u.Path != "" && u.Path != "/") {
+			bad("azure.vaultURL", "%q must be https://HOST with no path", a.VaultURL)
+		}
+	case a.VaultName != "":
+		if !azureVaultNameRE.MatchString(a.VaultName) {
+			bad("azure.vaultName", "%q must be 3-24 letters, digits and dashes", a.VaultName)
+		}
+		if strings.EqualFold(a.Cloud, "AzureStackCloud") && a.VaultSuffix == "" {
+			bad("azure.vaultSuffix", "required with vaultName on AzureStackCloud (or set vaultURL)")
+		}
+	default:
+		bad("azure.vaultURL", "required with provider azurekeyvault (or vaultName)")
+	}
+	if !azureKeyNameRE.MatchString(a.KeyName) {
+		bad("azure.keyName", "%q must be 1-127 letters, digits and dashes", a.KeyName)
+	}
+	if a.KeyVersion != "" && !azureVersionRE.MatchString(a.KeyVersion) {
+		bad("azure.keyVersion", "%q is not a key version ID", a.KeyVersion)
+	}
+	switch strings.ToLower(a.Cloud) {
+	case "", "azurepubliccloud", "azurechinacloud", "azureusgovernmentcloud", "azurestackcloud":
+	default:
+		bad("azure.cloud", "unknown cloud %q (AzurePublicCloud, AzureChinaCloud, AzureUSGovernmentCloud or AzureStackCloud)", a.Cloud)
+	}
+	if a.AuthorityHost != "" {
+		if u, err := url.Parse(a.AuthorityHost); err != nil || u.Scheme != "https" || u.Host == "" {
+			bad("azure.authorityHost", "%q must be an https:// URL", a.AuthorityHost)
+		}
+	}
+	if d := a.Timeout.Duration; d != 0 && (d < time.Second || d > 5*time.Minute) {
+		bad("azure.timeout", "%s is outside 1s..5m", d)
+	}
+	cr := a.Credential
+	file := func(field, path string, required bool) {
+		switch {
+		case path == "" && required:
+			bad("azure.credential."+field, "required with credential type %s", cr.Type)
+		case path != "" && !filepath.IsAbs(path):
+			bad("azure.credential."+field, "%q must be an absolute path", path)
+		}
+	}
+	need := func(field, v string) {
+		if v == "" {
+			bad("azure.credential."+field, "required with credential type %s", cr.Type)
+		}
+	}
+	switch cr.Type {
+	case "managedIdentity":
+		if cr.ClientID != "" && cr.ResourceID != "" {
+			bad("azure.credential.resourceID", "set clientID or resourceID, not both")
+		}
+	case "workloadIdentity":
+		file("federatedTokenFile", cr.FederatedTokenFile, false)
+	case "clientSecret":
+		need("tenantID", cr.TenantID)
+		need("clientID", cr.ClientID)
+		file("clientSecretFile", cr.ClientSecretFile, true)
+	case "clientCertificate":
+		need("tenantID", cr.TenantID)
+		need("clientID", cr.ClientID)
+		file("certificateFile", cr.CertificateFile, true)
+		file("certificatePasswordFile", cr.CertificatePasswordFile, false)
+	case "azureJSON":
+		file("azureJSONFile", cr.AzureJSONFile, false)
+	case "":
+		bad("azure.credential.type", "required (managedIdentity, workloadIdentity, clientSecret, clientCertificate or azureJSON)")
+	default:
+		bad("azure.credential.type", "unknown type %q (managedIdentity, workloadIdentity, clientSecret, clientCertificate or azureJSON)", cr.Type)
+	}
 }

@@ -128,3 +128,93 @@ func TestValidateNamesTheField(t *testing.T) {
 		})
 	}
 }
+
+func TestAzure(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "azure.yaml")
+	body := `
+provider: azurekeyvault
+azure:
+  vaultURL: https://contoso-kms.vault.azure.net
+  keyName: kms-kek
+  cloud: AzureUSGovernmentCloud
+  timeout: 5s
+  credential:
+    type: clientSecret
+    tenantID: 72f988bf-86f1-41af-91ab-2d7cd011db47
+    clientID: 0b5bdb30-f5b6-4bb3-9c67-54f3c7cdb0e1
+    clientSecretFile: /etc/kubernetes/kms-plugin/client-secret
+`
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := AzureConfig{
+		VaultURL: "https://contoso-kms.vault.azure.net", KeyName: "kms-kek", Cloud: "AzureUSGovernmentCloud", Timeout: Duration{5 * time.Second},
+		Credential: AzureCredentialConfig{Type: "clientSecret", TenantID: "72f988bf-86f1-41af-91ab-2d7cd011db47", ClientID: "0b5bdb30-f5b6-4bb3-9c67-54f3c7cdb0e1", ClientSecretFile: "/etc/kubernetes/kms-plugin/client-secret"},
+	}
+	if cfg.Provider != ProviderAzureKeyVault || cfg.Azure != want {
+		t.Fatalf("Load = %+v\nwant %+v", cfg.Azure, want)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+
+	valid := func() Config {
+		c := Default()
+		c.Provider = ProviderAzureKeyVault
+		c.Azure = AzureConfig{VaultURL: "https://v.vault.azure.net", KeyName: "k", Credential: AzureCredentialConfig{Type: "managedIdentity"}}
+		return c
+	}
+	for _, tt := range []struct {
+		name   string
+		mutate func(*AzureConfig)
+		field  string // "" means valid
+	}{
+		{"managed identity", func(a *AzureConfig) {}, ""},
+		{"vault name", func(a *AzureConfig) { a.VaultURL, a.VaultName = "", "contoso-kms" }, ""},
+		{"workload identity from env", func(a *AzureConfig) { a.Credential = AzureCredentialConfig{Type: "workloadIdentity"} }, ""},
+		{"azure.json default path", func(a *AzureConfig) { a.Credential = AzureCredentialConfig{Type: "azureJSON"} }, ""},
+		{"no vault", func(a *AzureConfig) { a.VaultURL = "" }, "azure.vaultURL:"},
+		{"both vault forms", func(a *AzureConfig) { a.VaultName = "x" }, "azure.vaultURL:"},
+		{"http vault", func(a *AzureConfig) { a.VaultURL = "http://v.vault.azure.net" }, "azure.vaultURL:"},
+		{"vault path", func(a *AzureConfig) { a.VaultURL = "https://v.vault.azure.net/keys/k" }, "azure.vaultURL:"},
+		{"bad vault name", func(a *AzureConfig) { a.VaultURL, a.VaultName = "", "v" }, "azure.vaultName:"},
+		{"stack without suffix", func(a *AzureConfig) { a.VaultURL, a.VaultName, a.Cloud = "", "contoso", "AzureStackCloud" }, "azure.vaultSuffix:"},
+		{"no key", func(a *AzureConfig) { a.KeyName = "" }, "azure.keyName:"},
+		{"bad version", func(a *AzureConfig) { a.KeyVersion = "../x" }, "azure.keyVersion:"},
+		{"bad cloud", func(a *AzureConfig) { a.Cloud = "Mars" }, "azure.cloud:"},
+		{"http authority", func(a *AzureConfig) { a.AuthorityHost = "http://login.example" }, "azure.authorityHost:"},
+		{"timeout", func(a *AzureConfig) { a.Timeout.Duration = time.Millisecond }, "azure.timeout:"},
+		{"no credential", func(a *AzureConfig) { a.Credential.Type = "" }, "azure.credential.type:"},
+		{"unknown credential", func(a *AzureConfig) { a.Credential.Type = "password" }, "azure.credential.type:"},
+		{"both identity IDs", func(a *AzureConfig) { a.Credential.ClientID, a.Credential.ResourceID = "c", "r" }, "azure.credential.resourceID:"},
+		{"secret without file", func(a *AzureConfig) {
+			a.Credential = AzureCredentialConfig{Type: "clientSecret", TenantID: "t", ClientID: "c"}
+		}, "azure.credential.clientSecretFile:"},
+		{"relative secret file", func(a *AzureConfig) {
+			a.Credential = AzureCredentialConfig{Type: "clientSecret", TenantID: "t", ClientID: "c", ClientSecretFile: "secret"}
+		}, "azure.credential.clientSecretFile:"},
+		{"certificate without tenant", func(a *AzureConfig) {
+			a.Credential = AzureCredentialConfig{Type: "clientCertificate", ClientID: "c", CertificateFile: "/c.pem"}
+		}, "azure.credential.tenantID:"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := valid()
+			tt.mutate(&c.Azure)
+			err := c.Validate()
+			if tt.field == "" {
+				if err != nil {
+					t.Fatalf("Validate = %v; want nil", err)
+				}
+				return
+			}
+			if err == nil || !strings.HasPrefix(err.Error(), tt.field) || strings.Contains(err.Error(), "\n") {
+				t.Fatalf("Validate = %v; want one line starting with %q", err, tt.field)
+			}
+		})
+	}
+}

@@ -32,7 +32,9 @@ func Run(t *testing.T, newProvider Factory) {
 			if w.Version == "" {
 				t.Fatalf("Wrap returned an empty version")
 			}
-			if bytes.Contains(w.Ciphertext, key) {
+			// A short key occurs by chance in a long ciphertext (a 1-byte
+			// key in a 256-byte RSA wrap more often than not).
+			if size >= 16 && bytes.Contains(w.Ciphertext, key) {
 				t.Fatalf("wrapped key contains the plaintext key")
 			}
 			cur, err := p.CurrentVersion(ctx)

@@ -1,0 +1,106 @@
+package azurekv
+
+import (
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/kms-plugin/kms-plugin/internal/provider"
+)
+
+// outcome is how a vault call counts for the circuit breaker.
+type outcome int
+
+const (
+	// neutral: the call says nothing about the vault's health (the caller
+	// gave up, a bad request, a missing key).
+	neutral outcome = iota
+	success
+	failure // the vault is unreachable, throttling or failing
+)
+
+type breakerState int
+
+const (
+	closed breakerState = iota
+	open
+	halfOpen
+)
+
+// breaker is a circuit breaker: after threshold consecutive failures it
+// opens and fails calls fast for openFor; then it lets one probe call
+// through (half-open): success closes it, failure opens it again.
+type breaker struct {
+	threshold int
+	openFor   time.Duration
+
+	mu       sync.Mutex
+	state    breakerState
+	failures int
+	until    time.Time
+	probing  bool
+	lastErr  error
+}
+
+func newBreaker(threshold int, openFor time.Duration) *breaker {
+	return &breaker{threshold: threshold, openFor: openFor}
+}
+
+// allow reports whether a call may go to the vault now. probe is set when
+// the call is the half-open probe; the caller must pass it to done.
+func (b *breaker) allow(now time.Time) (probe bool, err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch b.state {
+	case closed:
+		return false, nil
+	case open:
+		if now.Before(b.until) {
+			return false, b.openError(now)
+		}
+		b.state = halfOpen
+		fallthrough
+	default: // halfOpen
+		if b.probing {
+			return false, b.openError(now)
+		}
+		b.probing = true
+		return true, nil
+	}
+}
+
+func (b *breaker) openError(now time.Time) error {
+	wait := b.until.Sub(now)
+	if wait < 0 {
+		wait = 0
+	}
+	return fmt.Errorf("azurekv: %w: %w after %d consecutive failures, next try in %s (last: %v)",
+		provider.ErrUnavailable, errCircuitOpen, b.failures, wait.Round(time.Second), b.lastErr)
+}
+
+// done records the outcome of a call that allow let through.
+func (b *breaker) done(now time.Time, probe bool, o outcome, err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if probe {
+		b.probing = false
+	}
+	switch o {
+	case success:
+		b.state, b.failures, b.lastErr = closed, 0, nil
+	case failure:
+		b.failures++
+		b.lastErr = err
+		if (b.state == halfOpen && probe) || (b.state == closed && b.failures >= b.threshold) {
+			b.state = open
+			b.until = now.Add(b.openFor)
+		}
+	}
+}
+
+// isOpen reports whether calls are being failed fast.
+func (b *breaker) isOpen() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.state != closed
+}

@@ -1,0 +1,442 @@
+package kvtest
+
+import (
+	"crypto"
+	"crypto/hmac"
+	"crypto/rsa"
+	"crypto/sha1" //nolint:gosec // x5t thumbprints are SHA-1 by definition
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Principals: who a token was issued to.
+const (
+	// SystemIdentity is the system-assigned managed identity.
+	SystemIdentity = "mi:system"
+)
+
+// App is the principal of an application (service principal) authenticated
+// with a secret, a certificate or a federated token.
+func App(clientID string) string { return "app:" + clientID }
+
+// ManagedIdentity is the principal of a user-assigned managed identity.
+func ManagedIdentity(clientID string) string { return "mi:" + clientID }
+
+// tokenKey signs test tokens. It is fixed so that tokens stay valid across
+// Servers (MSAL caches managed identity tokens per process).
+const tokenKey = "kvtest: fixed HMAC key for test access tokens only"
+
+// tokenLifetime is how long issued access tokens are valid.
+const tokenLifetime = time.Hour
+
+type tokenClaims struct {
+	Aud   string `json:"aud"`
+	Tid   string `json:"tid"`
+	Sub   string `json:"sub"`
+	AppID string `json:"appid"`
+	Exp   int64  `json:"exp"`
+}
+
+func issueToken(c tokenClaims) string {
+	body, _ := json.Marshal(c)
+	mac := hmac.New(sha256.New, []byte(tokenKey))
+	mac.Write(body)
+	return "kvt1." + b64.EncodeToString(body) + "." + b64.EncodeToString(mac.Sum(nil))
+}
+
+func parseToken(tok string) (tokenClaims, error) {
+	var c tokenClaims
+	parts := strings.Split(tok, ".")
+	if len(parts) != 3 || parts[0] != "kvt1" {
+		return c, errors.New("AKV10000: the access token is malformed")
+	}
+	body, err1 := b64.DecodeString(parts[1])
+	sig, err2 := b64.DecodeString(parts[2])
+	if err1 != nil || err2 != nil {
+		return c, errors.New("AKV10000: the access token is malformed")
+	}
+	mac := hmac.New(sha256.New, []byte(tokenKey))
+	mac.Write(body)
+	if !hmac.Equal(sig, mac.Sum(nil)) {
+		return c, errors.New("AKV10005: the access token signature is invalid")
+	}
+	if err := json.Unmarshal(body, &c); err != nil {
+		return c, errors.New("AKV10000: the access token is malformed")
+	}
+	return c, nil
+}
+
+// authenticate checks a vault request's bearer token and returns its
+// principal and application ID.
+func (s *Server) authenticate(r *http.Request) (principal, appID string, err error) {
+	auth := r.Header.Get("Authorization")
+	tok, ok := strings.CutPrefix(auth, "Bearer ")
+	if !ok || tok == "" {
+		return "", "", errors.New("AKV10000: Request is missing a Bearer or PoP token.")
+	}
+	c, err := parseToken(tok)
+	if err != nil {
+		return "", "", err
+	}
+	if !strings.EqualFold(strings.TrimSuffix(c.Aud, "/"), strings.TrimSuffix(s.opts.Resource, "/")) {
+		return "", "", fmt.Errorf("AKV10022: Invalid audience. Expected %s, found: %s.", s.opts.Resource, c.Aud)
+	}
+	if !strings.EqualFold(c.Tid, s.opts.TenantID) {
+		return "", "", fmt.Errorf("AKV10032: Invalid issuer. Expected one of https://sts.windows.net/%s/, found https://sts.windows.net/%s/.", s.opts.TenantID, c.Tid)
+	}
+	if time.Now().Unix() >= c.Exp {
+		return "", "", errors.New("AKV10021: the access token has expired")
+	}
+	return c.Sub, c.AppID, nil
+}
+
+// AddClientSecret registers an application that authenticates with secret.
+func (s *Server) AddClientSecret(clientID, secret string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.secrets[clientID] = secret
+}
+
+// AddClientCertificate registers an application that authenticates with a
+// certificate assertion signed by cert's key.
+func (s *Server) AddClientCertificate(clientID string, cert *x509.Certificate) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.certs[clientID] = append(s.certs[clientID], cert)
+}
+
+// AddFederatedToken registers an application whose workload identity
+// federation trusts the (service account) token.
+func (s *Server) AddFederatedToken(clientID, token string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.federated[clientID] == nil {
+		s.federated[clientID] = map[string]bool{}
+	}
+	s.federated[clientID][token] = true
+}
+
+// AddManagedIdentity assigns a user-assigned managed identity to "this VM".
+func (s *Server) AddManagedIdentity(clientID, resourceID string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.identity[clientID] = managedIdentity{clientID: clientID, resourceID: resourceID}
+}
+
+// SetSystemIdentity enables (the default) or removes the VM's
+// system-assigned identity.
+func (s *Server) SetSystemIdentity(enabled bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.systemOff = !enabled
+}
+
+// writeEntraError answers with Entra ID's OAuth error body.
+func writeEntraError(w http.ResponseWriter, status int, code string, aadsts int, description string) {
+	now := time.Now().UTC().Format("2006-01-02 15:04:05Z")
+	writeJSON(w, status, map[string]any{
+		"error":             code,
+		"error_description": fmt.Sprintf("AADSTS%d: %s\r\nTrace ID: 00000000-0000-0000-0000-000000000000\r\nCorrelation ID: 00000000-0000-0000-0000-000000000000\r\nTimestamp: %s", aadsts, description, now),
+		"error_codes":       []int{aadsts},
+		"timestamp":         now,
+		"error_uri":         fmt.Sprintf("https://login.microsoftonline.com/error?code=%d", aadsts),
+	})
+}
+
+func (s *Server) tokenOutage() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.faults.tokenOutage
+}
+
+// serveEntra answers instance discovery, tenant discovery and the token
+// endpoint of the authority host.
+func (s *Server) serveEntra(w http.ResponseWriter, r *http.Request) {
+	s.setDate(w)
+	seg := strings.Split(strings.Trim(r.URL.Path, "/"), "/")
+	base := "https://" + s.opts.LoginHost
+	switch {
+	case r.Method == http.MethodGet && r.URL.Path == "/common/discovery/instance":
+		s.count("discovery")
+		writeJSON(w, http.StatusOK, map[string]any{
+			"tenant_discovery_endpoint": base + "/" + s.opts.TenantID + "/v2.0/.well-known/openid-configuration",
+			"api-version":               "1.1",
+			"metadata": []map[string]any{{
+				"preferred_network": s.opts.LoginHost, "preferred_cache": s.opts.LoginHost, "aliases": []string{s.opts.LoginHost},
+			}},
+		})
+	case r.Method == http.MethodGet && len(seg) == 4 && seg[1] == "v2.0" && seg[2] == ".well-known" && seg[3] == "openid-configuration":
+		s.count("discovery")
+		if !strings.EqualFold(seg[0], s.opts.TenantID) {
+			writeEntraError(w, http.StatusBadRequest, "invalid_tenant", 90002, fmt.Sprintf("Tenant '%s' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud.", seg[0]))
+			return
+		}
+		t := base + "/" + seg[0]
+		writeJSON(w, http.StatusOK, map[string]any{
+			"token_endpoint":                        t + "/oauth2/v2.0/token",
+			"authorization_endpoint":                t + "/oauth2/v2.0/authorize",
+			"issuer":                                t + "/v2.0",
+			"token_endpoint_auth_methods_supported": []string{"client_secret_post", "private_key_jwt", "client_secret_basic"},
+			"jwks_uri":                              t + "/discovery/v2.0/keys",
+		})
+	case r.Method == http.MethodPost && len(seg) == 4 && seg[1] == "oauth2" && seg[2] == "v2.0" && seg[3] == "token":
+		s.count("token")
+		if s.tokenOutage() {
+			writeEntraError(w, http.StatusServiceUnavailable, "temporarily_unavailable", 50196, "The server is temporarily unavailable.")
+			return
+		}
+		s.serveToken(w, r, seg[0])
+	default:
+		writeEntraError(w, http.StatusNotFound, "invalid_request", 900561, "unsupported endpoint "+r.URL.Path)
+	}
+}
+
+func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, tenant string) {
+	if err := r.ParseForm(); err != nil {
+		writeEntraError(w, http.StatusBadRequest, "invalid_request", 900144, "The request body must contain the following parameter: 'grant_type'.")
+		return
+	}
+	if !strings.EqualFold(tenant, s.opts.TenantID) {
+		writeEntraError(w, http.StatusBadRequest, "invalid_tenant", 90002, fmt.Sprintf("Tenant '%s' not found.", tenant))
+		return
+	}
+	if r.PostForm.Get("grant_type") != "client_credentials" {
+		writeEntraError(w, http.StatusBadRequest, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.")
+		return
+	}
+	clientID := r.PostForm.Get("client_id")
+	// MSAL adds openid, offline_access and profile to the resource's scope.
+	resource := ""
+	for _, sc := range strings.Fields(r.PostForm.Get("scope")) {
+		if res, ok := strings.CutSuffix(sc, "/.default"); ok {
+			resource = res
+		}
+	}
+	if resource == "" {
+		writeEntraError(w, http.StatusBadRequest, "invalid_scope", 1002012, "The provided value for scope is not valid: a client credential flow needs a RESOURCE/.default scope.")
+		return
+	}
+	s.mu.Lock()
+	secret, hasSecret := s.secrets[clientID]
+	certs := s.certs[clientID]
+	federated := s.federated[clientID]
+	skew := s.faults.assertionSkew
+	s.mu.Unlock()
+	if !hasSecret && len(certs) == 0 && len(federated) == 0 {
+		writeEntraError(w, http.StatusBadRequest, "unauthorized_client", 700016, fmt.Sprintf("Application with identifier '%s' was not found in the directory '%s'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant.", clientID, tenant))
+		return
+	}
+	switch {
+	case r.PostForm.Has("client_secret"):
+		if !hasSecret || !hmac.Equal([]byte(secret), []byte(r.PostForm.Get("client_secret"))) {
+			writeEntraError(w, http.StatusUnauthorized, "invalid_client", 7000215, fmt.Sprintf("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '%s'.", clientID))
+			return
+		}
+	case r.PostForm.Get("client_assertion_type") == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer":
+		assertion := r.PostForm.Get("client_assertion")
+		if federated[assertion] {
+			break
+		}
+		if len(certs) == 0 {
+			writeEntraError(w, http.StatusBadRequest, "invalid_request", 70021, "No matching federated identity record found for presented assertion. Check the issuer, subject and audience of the federated credential.")
+			return
+		}
+		endpoint := "https://" + s.opts.LoginHost + "/" + tenant + "/oauth2/v2.0/token"
+		if code, msg := verifyAssertion(assertion, clientID, endpoint, certs, time.Now().Add(skew)); code != 0 {
+			writeEntraError(w, http.StatusUnauthorized, "invalid_client", code, msg)
+			return
+		}
+	default:
+		writeEntraError(w, http.StatusUnauthorized, "invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.")
+		return
+	}
+	tok := issueToken(tokenClaims{Aud: resource, Tid: s.opts.TenantID, Sub: App(clientID), AppID: clientID, Exp: time.Now().Add(tokenLifetime).Unix()})
+	writeJSON(w, http.StatusOK, map[string]any{
+		"token_type": "Bearer", "expires_in": int(tokenLifetime.Seconds()), "ext_expires_in": int(tokenLifetime.Seconds()), "access_token": tok,
+	})
+}
+
+// verifyAssertion checks a client certificate assertion (a JWT signed with
+// PS256 or RS256, naming its certificate by thumbprint) and returns an
+// AADSTS code and message when it is not acceptable.
+func verifyAssertion(assertion, clientID, endpoint string, certs []*x509.Certificate, now time.Time) (int, string) {
+	parts := strings.Split(assertion, ".")
+	if len(parts) != 3 {
+		return 50027, "Invalid JWT token. The token is malformed."
+	}
+	var header struct {
+		Alg     string `json:"alg"`
+		X5T     string `json:"x5t"`
+		X5TS256 string `json:"x5t#S256"`
+	}
+	var claims struct {
+		Aud string      `json:"aud"`
+		Iss string      `json:"iss"`
+		Sub string      `json:"sub"`
+		Exp json.Number `json:"exp"`
+		Nbf json.Number `json:"nbf"`
+	}
+	hb, err1 := b64.DecodeString(parts[0])
+	cb, err2 := b64.DecodeString(parts[1])
+	sig, err3 := b64.DecodeString(parts[2])
+	if err1 != nil || err2 != nil || err3 != nil || json.Unmarshal(hb, &header) != nil || json.Unmarshal(cb, &claims) != nil {
+		return 50027, "Invalid JWT token. The token is malformed."
+	}
+	var cert *x509.Certificate
+	for _, c := range certs {
+		s256 := sha256.Sum256(c.Raw)
+		s1 := sha1.Sum(c.Raw) //nolint:gosec // x5t is SHA-1 by definition
+		if header.X5TS256 == base64.StdEncoding.EncodeToString(s256[:]) || header.X5TS256 == b64.EncodeToString(s256[:]) ||
+			header.X5T == base64.StdEncoding.EncodeToString(s1[:]) || header.X5T == b64.EncodeToString(s1[:]) {
+			cert = c
+		}
+	}
+	if cert == nil {
+		return 700027, fmt.Sprintf("The certificate with identifier used to sign the client assertion is not registered on application. [Reason - The key was not found., Thumbprint of key used by client: '%s%s']", header.X5TS256, header.X5T)
+	}
+	pub, ok := cert.PublicKey.(*rsa.PublicKey)
+	if !ok {
+		return 700027, "Client assertion failed signature validation: the certificate key is not RSA."
+	}
+	digest := sha256.Sum256([]byte(parts[0] + "." + parts[1]))
+	var err error
+	switch header.Alg {
+	case "PS256":
+		err = rsa.VerifyPSS(pub, crypto.SHA256, digest[:], sig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthAuto})
+	case "RS256":
+		err = rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest[:], sig)
+	default:
+		err = fmt.Errorf("algorithm %q", header.Alg)
+	}
+	if err != nil {
+		return 700027, "Client assertion failed signature validation."
+	}
+	if claims.Aud != endpoint || claims.Iss != clientID || claims.Sub != clientID {
+		return 700021, "Client assertion audience claim does not match Realm issuer."
+	}
+	exp, _ := claims.Exp.Int64()
+	nbf, _ := claims.Nbf.Int64()
+	const allowedSkew = 5 * 60
+	if n := now.Unix(); n > exp+allowedSkew || n+allowedSkew < nbf {
+		return 700024, fmt.Sprintf("Client assertion is not within its valid time range. Current time: %s, assertion valid from %s, expiry time of assertion %s.",
+			now.UTC().Format(time.RFC3339), time.Unix(nbf, 0).UTC().Format(time.RFC3339), time.Unix(exp, 0).UTC().Format(time.RFC3339))
+	}
+	return 0, ""
+}
+
+// serveIMDS answers managed identity token requests as the Azure Instance
+// Metadata Service does.
+func (s *Server) serveIMDS(w http.ResponseWriter, r *http.Request) {
+	s.count("imds")
+	s.setDate(w)
+	if r.URL.Path != "/metadata/identity/oauth2/token" {
+		http.NotFound(w, r)
+		return
+	}
+	if r.Header.Get("Metadata") != "true" {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "invalid_request", "error_description": "Required metadata header not specified"})
+		return
+	}
+	if s.tokenOutage() {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "service_unavailable", "error_description": "IMDS is temporarily unavailable"})
+		return
+	}
+	q := r.URL.Query()
+	resource := q.Get("resource")
+	if resource == "" {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "invalid_request", "error_description": "Required query variable 'resource' is missing"})
+		return
+	}
+	s.mu.Lock()
+	principal, clientID := "", ""
+	switch {
+	case q.Has("client_id"):
+		if id, ok := s.identity[q.Get("client_id")]; ok {
+			principal, clientID = ManagedIdentity(id.clientID), id.clientID
+		}
+	case q.Has("mi_res_id") || q.Has("msi_res_id"):
+		want := q.Get("mi_res_id") + q.Get("msi_res_id")
+		for _, id := range s.identity {
+			if strings.EqualFold(id.resourceID, want) {
+				principal, clientID = ManagedIdentity(id.clientID), id.clientID
+			}
+		}
+	case q.Has("object_id"):
+		// Not modelled.
+	case !s.systemOff:
+		principal, clientID = SystemIdentity, "00000000-0000-0000-0000-0000005y5tem"
+	}
+	s.mu.Unlock()
+	if principal == "" {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "invalid_request", "error_description": "Identity not found"})
+		return
+	}
+	now := time.Now()
+	tok := issueToken(tokenClaims{Aud: resource, Tid: s.opts.TenantID, Sub: principal, AppID: clientID, Exp: now.Add(tokenLifetime).Unix()})
+	secs := strconv.Itoa(int(tokenLifetime.Seconds()))
+	writeJSON(w, http.StatusOK, map[string]string{
+		"access_token": tok, "client_id": clientID, "expires_in": secs, "ext_expires_in": secs,
+		"expires_on": strconv.FormatInt(now.Add(tokenLifetime).Unix(), 10), "not_before": strconv.FormatInt(now.Unix(), 10),
+		"resource": resource, "token_type": "Bearer",
+	})
+}
+
+// serveProxy is an HTTP proxy: CONNECT tunnels to the TLS listener for the
+// host names it serves, and plain requests for the IMDS address are answered
+// by the IMDS handler.
+func (s *Server) serveProxy(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodConnect {
+		if r.URL.IsAbs() && r.URL.Hostname() == IMDSHost {
+			s.serveIMDS(w, r)
+			return
+		}
+		http.Error(w, "kvtest proxy: only CONNECT and IMDS", http.StatusForbidden)
+		return
+	}
+	s.count("connect")
+	host, port, err := net.SplitHostPort(r.Host)
+	if err != nil || port != "443" || !s.serves(host) {
+		http.Error(w, "kvtest proxy: unknown host "+r.Host, http.StatusForbidden)
+		return
+	}
+	upstream, err := net.DialTimeout("tcp", s.tlsLn.Addr().String(), 5*time.Second)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		upstream.Close()
+		http.Error(w, "kvtest proxy: cannot hijack", http.StatusInternalServerError)
+		return
+	}
+	conn, rw, err := hj.Hijack()
+	if err != nil {
+		upstream.Close()
+		return
+	}
+	if _, err := rw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n"); err != nil || rw.Flush() != nil {
+		conn.Close()
+		upstream.Close()
+		return
+	}
+	go tunnel(upstream, rw.Reader, conn)
+	go tunnel(conn, upstream, upstream)
+}
+
+// tunnel copies src to dst and closes both ends when done.
+func tunnel(dst io.WriteCloser, src io.Reader, srcCloser io.Closer) {
+	_, _ = io.Copy(dst, src)
+	_ = dst.Close()
+	_ = srcCloser.Close()
+}
