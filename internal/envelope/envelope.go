@@ -46,6 +46,8 @@ var (
 	ErrNotReady = errors.New("no key-encryption key yet")
 )
 
+var errKeyIDMismatch = fmt.Errorf("%w: key_id does not belong to the key that wrapped this ciphertext (unknown key_id, or ciphertext moved to another key_id)", ErrInvalidInput)
+
 // Defaults for Config fields left zero.
 const (
 	DefaultPollInterval  = 60 * time.Second
@@ -347,13 +349,21 @@ func (s *Service) Decrypt(ctx context.Context, uid string, req *kmsservice.Decry
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalidInput, err)
 	}
-	if want := DeriveKeyID(s.provider.Name(), remoteVersion); req.KeyID != want {
-		return nil, fmt.Errorf("%w: key_id does not belong to the key that wrapped this ciphertext (unknown key_id, or ciphertext moved to another key_id)", ErrInvalidInput)
-	}
 	ref := sha256.Sum256(annotation)
-	e, err := s.lookup(ctx, ref, provider.WrappedKey{Version: remoteVersion, Ciphertext: wrapped})
-	if err != nil {
-		return nil, err
+	e, ok := s.cached(ref)
+	if !ok {
+		// Check the key_id before any remote call; a cached entry carries
+		// the key_id derived from the same annotation, so a hit compares
+		// with it instead.
+		if req.KeyID != DeriveKeyID(s.provider.Name(), remoteVersion) {
+			return nil, errKeyIDMismatch
+		}
+		if e, err = s.lookup(ctx, ref, provider.WrappedKey{Version: remoteVersion, Ciphertext: wrapped}); err != nil {
+			return nil, err
+		}
+	}
+	if req.KeyID != e.keyID {
+		return nil, errKeyIDMismatch
 	}
 	ct := req.Ciphertext
 	plaintext, err := e.aead.Open(nil, ct[1:1+nonceSize], ct[1+nonceSize:], ciphertextAAD(req.KeyID, ref))
@@ -393,18 +403,23 @@ func validateDecrypt(req *kmsservice.DecryptRequest) error {
 	return nil
 }
 
-// lookup returns the unwrapped local KEK for ref from the cache, or unwraps
-// it. Concurrent misses for one ref share a single provider call, which runs
-// on its own deadline so that one caller giving up does not fail the others.
-func (s *Service) lookup(ctx context.Context, ref [32]byte, w provider.WrappedKey) (*cacheEntry, error) {
+// cached returns the unwrapped local KEK for ref when it is the active one
+// or in the cache, counting the hit.
+func (s *Service) cached(ref [32]byte) (*cacheEntry, bool) {
 	if a := s.active.Load(); a != nil && a.entry.ref == ref {
 		s.cacheHits.Add(1)
-		return a.entry, nil
+		return a.entry, true
 	}
 	if e, ok := s.cache.get(ref); ok {
 		s.cacheHits.Add(1)
-		return e, nil
+		return e, true
 	}
+	return nil, false
+}
+
+// lookup unwraps the local KEK for ref after a cache miss. Concurrent misses for one ref share a single provider call, which runs
+// on its own deadline so that one caller giving up does not fail the others.
+func (s *Service) lookup(ctx context.Context, ref [32]byte, w provider.WrappedKey) (*cacheEntry, error) {
 	s.cacheMisses.Add(1)
 	fl, leader := s.flights.start(ref)
 	if leader {

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -223,20 +224,27 @@ func (s *Server) observe(ctx context.Context, req any, info *grpc.UnaryServerInf
 	if s.cfg.Observer != nil {
 		s.cfg.Observer.ObserveRPC(method, code.String(), d)
 	}
-	fields := []zap.Field{zap.String("method", method), zap.String("code", code.String()), zap.Duration("duration", d)}
+	var ce *zapcore.CheckedEntry
+	switch code {
+	case codes.OK:
+		ce = s.log.Check(zap.DebugLevel, "request")
+	case codes.InvalidArgument, codes.FailedPrecondition, codes.Canceled:
+		ce = s.log.Check(zap.WarnLevel, "request rejected")
+	default:
+		ce = s.log.Check(zap.ErrorLevel, "request failed")
+	}
+	if ce == nil {
+		return resp, err
+	}
+	fields := make([]zap.Field, 0, 5)
+	fields = append(fields, zap.String("method", method), zap.String("code", code.String()), zap.Duration("duration", d))
 	if r, ok := req.(interface{ GetUid() string }); ok && r.GetUid() != "" {
 		fields = append(fields, zap.String("uid", r.GetUid()))
 	}
-	switch code {
-	case codes.OK:
-		if ce := s.log.Check(zap.DebugLevel, "request"); ce != nil {
-			ce.Write(fields...)
-		}
-	case codes.InvalidArgument, codes.FailedPrecondition, codes.Canceled:
-		s.log.Warn("request rejected", append(fields, zap.String("error", status.Convert(err).Message()))...)
-	default:
-		s.log.Error("request failed", append(fields, zap.String("error", status.Convert(err).Message()))...)
+	if err != nil {
+		fields = append(fields, zap.String("error", status.Convert(err).Message()))
 	}
+	ce.Write(fields...)
 	return resp, err
 }
 
