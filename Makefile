@@ -52,6 +52,10 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeLocalKEK$$' -fuzztime $(FUZZTIME) ./internal/envelope
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./internal/config
 	$(GO) test -run '^$$' -fuzz '^FuzzSocketPath$$' -fuzztime $(FUZZTIME) ./internal/config
+	$(GO) test -run '^$$' -fuzz '^FuzzParseVersion$$' -fuzztime $(FUZZTIME) ./internal/provider/azurekv
+	$(GO) test -run '^$$' -fuzz '^FuzzUnpad$$' -fuzztime $(FUZZTIME) ./internal/provider/azurekv
+	$(GO) test -run '^$$' -fuzz '^FuzzParseAPIServer$$' -fuzztime $(FUZZTIME) ./internal/install
+	$(GO) test -run '^$$' -fuzz '^FuzzParseEncryptionConfig$$' -fuzztime $(FUZZTIME) ./internal/install
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
