@@ -10,8 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kms-plugin/kms-plugin/internal/etcdscan"
 	"github.com/kms-plugin/kms-plugin/internal/install"
-	"github.com/kms-plugin/kms-plugin/internal/install/etcdscan"
 )
 
 // listFlag is a comma-separated or repeated string flag.

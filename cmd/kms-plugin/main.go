@@ -5,6 +5,9 @@
 //	kms-plugin doctor    check the key store setup and print fixes
 //	kms-plugin install   install the plugin on a control-plane node
 //	kms-plugin uninstall take it off again, keeping every object readable
+//	kms-plugin rotate    rotate the key end to end: rotate, re-encrypt, verify, retire
+//	kms-plugin verify    count stored objects per key_id in etcd
+//	kms-plugin status    the plugins, the rotation in progress and the last one
 //	kms-plugin version   print version information
 //
 // main only sets up the signal context and calls run; each subcommand turns
@@ -38,7 +41,7 @@ func main() {
 		if !errors.Is(err, errUsage) {
 			fmt.Fprintf(os.Stderr, "kms-plugin: %v\n", err)
 		}
-		os.Exit(1)
+		os.Exit(exitCode(err))
 	}
 }
 
@@ -50,6 +53,9 @@ Commands:
   doctor    check the key store setup end to end and print a fix for each problem
   install   install the plugin on this control-plane node (idempotent; --dry-run shows the diff)
   uninstall take the plugin off this node, in stages that keep every object readable
+  rotate    rotate the key end to end (Lease-locked, resumable; cron it with --min-age)
+  verify    count stored objects per resource, provider and key_id in etcd
+  status    each plugin's health and key_id, the rotation in progress, the last one
   version   print version information
 
 Run 'kms-plugin COMMAND -h' for a command's flags.
@@ -71,6 +77,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runInstall(ctx, args[1:], stdout, stderr)
 	case "uninstall":
 		return runUninstall(ctx, args[1:], stdout, stderr)
+	case "rotate":
+		return runRotate(ctx, args[1:], stdout, stderr)
+	case "verify":
+		return runVerify(ctx, args[1:], stdout, stderr)
+	case "status":
+		return runStatus(ctx, args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, versionString())
 		return nil

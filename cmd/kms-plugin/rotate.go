@@ -1,0 +1,274 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/kms-plugin/kms-plugin/internal/config"
+	"github.com/kms-plugin/kms-plugin/internal/etcdscan"
+	"github.com/kms-plugin/kms-plugin/internal/logging"
+	"github.com/kms-plugin/kms-plugin/internal/provider"
+	"github.com/kms-plugin/kms-plugin/internal/provider/local"
+	"github.com/kms-plugin/kms-plugin/internal/rotation"
+)
+
+// CrashEnv is the test hook of `kms-plugin rotate`: STAGE, or reencrypt:N.
+const CrashEnv = "KMS_PLUGIN_ROTATE_CRASH_AFTER"
+
+// crashExitCode is the exit code of the crash hook, as for SIGKILL.
+const crashExitCode = 137
+
+// leaseHeldExitCode is rotate's exit code when another run holds the Lease.
+const leaseHeldExitCode = 2
+
+// clusterClients are the clients rotate and status use.
+type clusterClients struct {
+	client     kubernetes.Interface
+	dynamic    dynamic.Interface
+	apiservers []rotation.APIServer
+}
+
+// clientFactory builds the clients from --kubeconfig and the apiserver
+// endpoints; tests replace it.
+type clientFactory func(kubeconfig string, apiserverEndpoints []string, qps float32, burst int) (*clusterClients, error)
+
+func realClients(kubeconfig string, apiserverEndpoints []string, qps float32, burst int) (*clusterClients, error) {
+	rc, err := restConfig(kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	rc.UserAgent = "kms-plugin/" + version
+	rc.QPS, rc.Burst = qps, burst
+	out := &clusterClients{}
+	if out.client, err = kubernetes.NewForConfig(rc); err != nil {
+		return nil, err
+	}
+	if out.dynamic, err = dynamic.NewForConfig(rc); err != nil {
+		return nil, err
+	}
+	for _, ep := range apiserverEndpoints {
+		c := rest.CopyConfig(rc)
+		c.Host = ep
+		cs, err := kubernetes.NewForConfig(c)
+		if err != nil {
+			return nil, fmt.Errorf("apiserver endpoint %s: %w", ep, err)
+		}
+		out.apiservers = append(out.apiservers, rotation.APIServer{Name: ep, Client: cs})
+	}
+	return out, nil
+}
+
+func runRotate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	return rotateMain(ctx, args, stdout, stderr, rotateDeps{clients: realClients, dial: dialEtcd, crash: func() { os.Exit(crashExitCode) }})
+}
+
+// rotateDeps are what tests replace: the cluster clients, etcd and the
+// crash hook's exit.
+type rotateDeps struct {
+	clients clientFactory
+	dial    func(*etcdFlags) (etcdscan.Ranger, func(), error)
+	crash   func()
+}
+
+// rotateMain is `kms-plugin rotate`.
+func rotateMain(ctx context.Context, args []string, stdout, stderr io.Writer, deps rotateDeps) error {
+	fs := flag.NewFlagSet("kms-plugin rotate", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(stderr, `Usage: kms-plugin rotate [FLAGS]
+
+Rotates the key that protects etcd, end to end: preflight (every plugin
+healthy and on the same key), rotate (a new key version in the key store),
+converge (every plugin and every apiserver on the new key), reencrypt
+(rewrite every object of the encrypted resources), verify (count objects per
+key in etcd) and retire (disable old versions nothing depends on). State is
+kept in the ConfigMap NAME-state and a Lease keeps two runs apart; a run
+that stops resumes at the next run.
+
+Exit codes: 0 rotation completed or not due; 1 failure (keys intact; the
+next run resumes); 2 another run holds the Lease.
+
+Test hook: `+CrashEnv+`=STAGE (or reencrypt:N) exits with 137 right after
+STAGE completed (after N objects were rewritten).
+
+Flags:
+`)
+		fs.PrintDefaults()
+	}
+	loadConfig := configFlags(fs)
+	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file (default: the in-cluster service account, else $KUBECONFIG or ~/.kube/config)")
+	namespace := fs.String("namespace", rotation.DefaultNamespace, "namespace of the Lease, the state ConfigMap and the canary")
+	name := fs.String("name", rotation.DefaultName, "Lease name; the state ConfigMap is NAME-state")
+	minAge := fs.Duration("min-age", 0, "rotate only when the last rotation (or the current key version) is at least this old; 0 rotates every run")
+	res := addResourceFlags(fs)
+	var pluginEndpoints, apiEndpoints listFlag
+	fs.Var(&pluginEndpoints, "plugin-endpoints", "plugin HTTP bases, comma-separated, such as http://10.0.0.1:8787 (default: every control-plane Node's InternalIP and --plugin-port)")
+	pluginPort := fs.Int("plugin-port", rotation.DefaultPluginPort, "plugin HTTP port on discovered control-plane Nodes")
+	fs.Var(&apiEndpoints, "apiserver-endpoints", "kube-apiserver URLs, comma-separated, to write the canary through each (default: the kubeconfig's server)")
+	etcd := addEtcdFlags(fs, nil)
+	convergeTimeout := fs.Duration("converge-timeout", rotation.DefaultConvergeTimeout, "how long converge waits for every plugin and apiserver")
+	convergeWait := fs.Duration("converge-wait", rotation.DefaultConvergeWait, "without etcd: how long to wait for the apiservers after every plugin reports the new key")
+	workers := fs.Int("workers", rotation.DefaultWorkers, "parallel rewrites")
+	qps := fs.Float64("qps", rotation.DefaultQPS, "rewrites per second at most")
+	burst := fs.Int("burst", 0, "rewrite burst (default: --qps)")
+	pageSize := fs.Int64("page-size", rotation.DefaultPageSize, "objects per LIST page")
+	keep := fs.Int("keep", 1, "old key versions kept enabled besides the current one")
+	dryRun := fs.Bool("dry-run", false, "show what a run would do; change nothing")
+	wait := fs.Bool("wait", false, "wait for a Lease held by another run instead of exiting with code 2")
+	migration := fs.String("migration", string(rotation.MigrationAuto), "auto, update or storageversionmigration (auto: StorageVersionMigration where the cluster serves it and a controller runs it, else updates)")
+	progress := fs.String("progress", "auto", "auto, bar or log: a progress bar on a terminal, else log lines")
+	leaseDuration := fs.Duration("lease-duration", rotation.DefaultLeaseDuration, "Lease duration; a crashed run's Lease is free after it (at once on the same host)")
+	pollInterval := fs.Duration("poll-interval", rotation.DefaultPollInterval, "how often to poll plugins, the canary and migrations")
+	svmStart := fs.Duration("svm-start-timeout", rotation.DefaultSVMStartTimeout, "with --migration auto: fall back to updates when no controller starts a StorageVersionMigration within this")
+	metricsAddr := fs.String("metrics-addr", "", "HOST:PORT to serve the rotation's Prometheus metrics on /metrics while it runs (empty: none)")
+	shared := fs.Bool("local-keyset-shared", false, "local provider with several plugins: assert that every node reads the same keyset file (shared storage)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	cfg, err := loadConfig()
+	if err != nil {
+		return err
+	}
+	log, err := logging.New(stderr, cfg.Log.Format, cfg.Log.Level)
+	if err != nil {
+		return err
+	}
+	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush
+	crashAfter, err := rotation.ParseCrashPoint(os.Getenv(CrashEnv))
+	if err != nil {
+		return fmt.Errorf("%s: %w", CrashEnv, err)
+	}
+	resources, err := res.list()
+	if err != nil {
+		return err
+	}
+	var progressOut io.Writer
+	progressInterval := 10 * time.Second
+	switch *progress {
+	case "auto":
+		if isTerminal(stderr) {
+			progressOut = stderr
+		}
+	case "bar":
+		progressOut = stderr
+	case "log":
+	default:
+		return fmt.Errorf("--progress %q: want auto, bar or log", *progress)
+	}
+	if progressOut != nil {
+		progressInterval = time.Hour // the bar replaces the log lines
+	}
+
+	store, err := rotationProvider(cfg)
+	if err != nil {
+		return err
+	}
+	cc, err := deps.clients(*kubeconfig, apiEndpoints, float32(max(50, 2**qps)), max(100, 2**burst, 2*int(*qps)))
+	if err != nil {
+		return err
+	}
+	ranger, closeEtcd, err := deps.dial(etcd)
+	if err != nil {
+		return err
+	}
+	defer closeEtcd()
+	var reg *prometheus.Registry
+	if *metricsAddr != "" {
+		reg = prometheus.NewRegistry()
+		stop, err := serveMetrics(*metricsAddr, reg)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+	r, err := rotation.New(rotation.Config{
+		Client: cc.client, Dynamic: cc.dynamic, APIServers: cc.apiservers,
+		Namespace: *namespace, Name: *name,
+		Provider: store, ProviderName: *res.providerName, Resources: resources,
+		PluginEndpoints: pluginEndpoints, PluginPort: *pluginPort,
+		Etcd: ranger, EtcdPrefix: *etcd.prefix,
+		MinAge: *minAge, ConvergeTimeout: *convergeTimeout, ConvergeWait: *convergeWait,
+		Workers: *workers, QPS: *qps, Burst: *burst, PageSize: *pageSize, Keep: *keep,
+		DryRun: *dryRun, Wait: *wait, Migration: rotation.Migration(*migration), SVMStartTimeout: *svmStart,
+		LocalKeysetShared: *shared, LeaseDuration: *leaseDuration, PollInterval: *pollInterval,
+		Logger: log.Named("rotate"), Progress: progressOut, ProgressInterval: progressInterval,
+		CrashAfter: crashAfter, Crash: deps.crash,
+	})
+	if err == nil && reg != nil {
+		err = r.RegisterMetrics(reg)
+	}
+	if err != nil {
+		return err
+	}
+	result, err := r.Run(ctx)
+	var held *rotation.LeaseHeldError
+	switch {
+	case errors.As(err, &held):
+		return &exitError{code: leaseHeldExitCode, err: err}
+	case err != nil:
+		return err
+	}
+	for _, line := range result.Plan {
+		fmt.Fprintln(stdout, line)
+	}
+	fmt.Fprintln(stdout, result.Message)
+	return nil
+}
+
+// serveMetrics serves reg on addr/metrics until stop is called.
+func serveMetrics(addr string, reg *prometheus.Registry) (stop func(), err error) {
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-addr: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(lis) }()
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+	}, nil
+}
+
+// rotationProvider builds the key store from the plugin's configuration.
+// Unlike serve, it never creates a local keyset: rotate must change the one
+// the plugin uses.
+func rotationProvider(cfg config.Config) (provider.Provider, error) {
+	switch cfg.Provider {
+	case config.ProviderLocal:
+		p, err := local.New(local.Config{Path: cfg.Local.KeysetPath})
+		if err != nil {
+			return nil, fmt.Errorf("%w (rotate changes the plugin's keyset: give it the plugin's --config or --local-keyset)", err)
+		}
+		return p, nil
+	case config.ProviderAzureKeyVault:
+		p, _, err := newAzureProvider(cfg.Azure, nil)
+		return p, err
+	default:
+		return nil, fmt.Errorf("provider: unknown provider %q", cfg.Provider)
+	}
+}
+
+// joinOr joins ss, or returns none when empty.
+func joinOr(ss []string, none string) string {
+	if len(ss) == 0 {
+		return none
+	}
+	return strings.Join(ss, ", ")
+}
