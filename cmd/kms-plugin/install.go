@@ -137,9 +137,21 @@ object readable:
 	force := fs.Bool("force", false, "with --finalize: skip the checks; objects still encrypted become unreadable")
 	endpoints := listFlag{}
 	fs.Var(&endpoints, "etcd-endpoints", "etcd client URLs, comma-separated (default https://127.0.0.1:2379)")
-	caFile := fs.String("etcd-cafile", "/etc/kubernetes/pki/etcd/ca.crt", "etcd CA, under --root")
-	certFile := fs.String("etcd-certfile", "/etc/kubernetes/pki/apiserver-etcd-client.crt", "etcd client certificate, under --root")
-	keyFile := fs.String("etcd-keyfile", "/etc/kubernetes/pki/apiserver-etcd-client.key", "etcd client key, under --root")
+	// The same flag names as rotate and verify; kube-apiserver's names
+	// (--etcd-cafile, --etcd-certfile, --etcd-keyfile) are accepted too.
+	caFile, certFile, keyFile := new(string), new(string), new(string)
+	for _, f := range []struct {
+		p              *string
+		name, alias, v string
+		usage          string
+	}{
+		{caFile, "etcd-cacert", "etcd-cafile", "/etc/kubernetes/pki/etcd/ca.crt", "etcd CA, under --root"},
+		{certFile, "etcd-cert", "etcd-certfile", "/etc/kubernetes/pki/apiserver-etcd-client.crt", "etcd client certificate, under --root"},
+		{keyFile, "etcd-key", "etcd-keyfile", "/etc/kubernetes/pki/apiserver-etcd-client.key", "etcd client key, under --root"},
+	} {
+		fs.StringVar(f.p, f.name, f.v, f.usage)
+		fs.StringVar(f.p, f.alias, f.v, "same as --"+f.name)
+	}
 	etcdTimeout := fs.Duration("etcd-timeout", 2*time.Minute, "how long the etcd check may take")
 	if err := parseFlags(fs, args); err != nil {
 		return err
