@@ -40,11 +40,16 @@ e2e: build e2e-tools
 	cd e2e && KMS_PLUGIN_BIN=$(BIN) \
 		KUBE_APISERVER_BIN=$(CACHE)/kube-apiserver-v1.37.2 \
 		ETCD_BIN=$(CACHE)/etcd-v3.6.16 \
+		KUBECTL_BIN=$(CACHE)/kubectl-v1.37.2 \
 		$(GO) test $(E2E_FLAGS) ./...
 
 bench: build
 	$(GO) run ./bench -out bench/results/latest.md
 	$(GO) run ./internal/provider/azurekv/kvbench -out bench/results/azure.md
+	bash e2e/tools/build.sh
+	cd e2e && KMS_PLUGIN_BIN=$(BIN) KUBE_APISERVER_BIN=$(CACHE)/kube-apiserver-v1.37.2 \
+		ETCD_BIN=$(CACHE)/etcd-v3.6.16 KUBECTL_BIN=$(CACHE)/kubectl-v1.37.2 \
+		$(GO) run ./cmd/rotationbench -sizes 1000,10000 -out ../bench/results/rotation.md
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./bench/ ./internal/envelope/
 
 fuzz:

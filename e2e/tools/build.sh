@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# build.sh builds, when missing, the pinned kube-apiserver and etcd binaries the
-# e2e tests run, into a cache directory kept between runs:
+# build.sh builds, when missing, the pinned kube-apiserver, etcd and kubectl
+# binaries the e2e tests run, into a cache directory kept between runs:
 #
 #   ${KMS_E2E_CACHE:-<repo>/.cache/bin}/kube-apiserver-v1.37.2
 #   ${KMS_E2E_CACHE:-<repo>/.cache/bin}/etcd-v3.6.16
+#   ${KMS_E2E_CACHE:-<repo>/.cache/bin}/kubectl-v1.37.2   (rotation benchmark)
 #
 # Each binary is built under a temporary name and renamed into place, so an
 # interrupted build never leaves a half-written binary behind.
 #
-# Usage: bash e2e/tools/build.sh [kube-apiserver|etcd]...   (default: both)
+# Usage: bash e2e/tools/build.sh [kube-apiserver|etcd|kubectl]...   (default: all)
 set -euo pipefail
 
 KUBE_APISERVER_VERSION=v1.37.2
 ETCD_VERSION=v3.6.16
+KUBECTL_VERSION=v1.37.2
 
 tools_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_root="$(cd "${tools_dir}/../.." && pwd)"
@@ -48,7 +50,7 @@ build() {
 
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
-	targets=(kube-apiserver etcd)
+	targets=(kube-apiserver etcd kubectl)
 fi
 
 for target in "${targets[@]}"; do
@@ -59,8 +61,11 @@ for target in "${targets[@]}"; do
 	etcd)
 		build "etcd-${ETCD_VERSION}" "${tools_dir}/etcd" .
 		;;
+	kubectl)
+		build "kubectl-${KUBECTL_VERSION}" "${tools_dir}/kubectl-${KUBECTL_VERSION}" k8s.io/kubernetes/cmd/kubectl
+		;;
 	*)
-		log "unknown target ${target:?} (want kube-apiserver or etcd)"
+		log "unknown target ${target:?} (want kube-apiserver, etcd or kubectl)"
 		exit 2
 		;;
 	esac

@@ -75,8 +75,8 @@ const (
 	DefaultEtcdPrefix      = "/registry"
 	DefaultConvergeTimeout = 10 * time.Minute
 	DefaultConvergeWait    = 3 * time.Minute
-	DefaultWorkers         = 8
-	DefaultQPS             = 200
+	DefaultWorkers         = 16
+	DefaultQPS             = 1000
 	DefaultPageSize        = 500
 	DefaultLeaseDuration   = 60 * time.Second
 	DefaultPollInterval    = 5 * time.Second
