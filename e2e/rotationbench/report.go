@@ -32,7 +32,7 @@ func WriteMarkdown(w io.Writer, env Env, results []*Result) error {
 	p("On the same cluster, in this order:\n\n")
 	p("1. **kubectl path** (the documented runbook): a new key version in the vault; wait until kube-apiserver writes with\n")
 	p("   the new key_id (\"key switch\"); then `kubectl get secrets -A -o json | kubectl replace -f -` (\"pipe\").\n")
-	p("2. **`kms-plugin rotate --migration update`**, with its other defaults (workers 16, QPS 1000) and then with the flags\n")
+	p("2. **`kms-plugin rotate --migration update`**, with its other defaults (workers 32, QPS 1000) and then with the flags\n")
 	p("   in the \"rotate flags\" column, each a full rotation after the previous one: preflight, new key version,\n")
 	p("   converge (canary read back from etcd), re-encrypt, verify, retire. \"Total\" is the process's wall time; stage times\n")
 	p("   come from its state ConfigMap (each stage from the previous one's finish to its own). `--migration update` because\n")

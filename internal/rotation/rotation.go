@@ -75,7 +75,7 @@ const (
 	DefaultEtcdPrefix      = "/registry"
 	DefaultConvergeTimeout = 10 * time.Minute
 	DefaultConvergeWait    = 3 * time.Minute
-	DefaultWorkers         = 16
+	DefaultWorkers         = 32
 	DefaultQPS             = 1000
 	DefaultPageSize        = 500
 	DefaultLeaseDuration   = 60 * time.Second

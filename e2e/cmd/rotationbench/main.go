@@ -40,7 +40,7 @@ func main() {
 func run(ctx context.Context) error {
 	sizes := flag.String("sizes", "1000,10000", "comma-separated numbers of Secrets, one run each")
 	out := flag.String("out", "", "write the Markdown report here (default: stdout)")
-	variants := flag.String("rotate-variants", ";--qps 200 --workers 8;--qps 5000 --workers 32", "rotate runs per size, separated by ';', each the extra flags of one run (empty: the defaults)")
+	variants := flag.String("rotate-variants", ";--qps 200 --workers 8;--workers 16", "rotate runs per size, separated by ';', each the extra flags of one run (empty: the defaults)")
 	flag.Parse()
 	var ns []int
 	for _, s := range strings.Split(*sizes, ",") {
