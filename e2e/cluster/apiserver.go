@@ -50,46 +50,13 @@ func NewAPIServer(cfg APIServerConfig) (*APIServer, error) {
 	if cfg.Binary == "" || cfg.Dir == "" || cfg.EtcdURL == "" || cfg.EncryptionProviderFile == "" {
 		return nil, fmt.Errorf("kube-apiserver: Binary, Dir, EtcdURL and EncryptionProviderFile are required")
 	}
-	port, err := FreePort()
+	creds, err := newAPIServerCreds()
 	if err != nil {
 		return nil, err
 	}
-	certPEM, keyPEM, err := selfSignedServingCert()
+	a, port, err := creds.prepare(cfg.Dir)
 	if err != nil {
 		return nil, err
-	}
-	saKeyPEM, saPubPEM, err := serviceAccountKey()
-	if err != nil {
-		return nil, err
-	}
-	token, err := randomHex(16)
-	if err != nil {
-		return nil, err
-	}
-	files := map[string][]byte{
-		"serving.crt": certPEM,
-		"serving.key": keyPEM,
-		"sa.key":      saKeyPEM,
-		"sa.pub":      saPubPEM,
-		"tokens.csv":  []byte(token + `,e2e-admin,e2e-admin-uid,"system:masters"` + "\n"),
-	}
-	for name, data := range files {
-		if err := os.WriteFile(filepath.Join(cfg.Dir, name), data, 0o600); err != nil {
-			return nil, err
-		}
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(certPEM) {
-		return nil, fmt.Errorf("kube-apiserver: cannot parse generated certificate")
-	}
-	a := &APIServer{
-		URL:   fmt.Sprintf("https://127.0.0.1:%d", port),
-		CA:    certPEM,
-		Token: token,
-		http: &http.Client{
-			Timeout:   15 * time.Second,
-			Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}},
-		},
 	}
 	path := func(name string) string { return filepath.Join(cfg.Dir, name) }
 	a.proc = &Process{
@@ -271,4 +238,60 @@ func randomHex(n int) (string, error) {
 		return "", err
 	}
 	return hex.EncodeToString(b), nil
+}
+
+// apiServerCreds are what every kube-apiserver of the control plane
+// shares: serving certificate, service-account keys and admin token.
+type apiServerCreds struct {
+	certPEM, keyPEM, saKeyPEM, saPubPEM []byte
+	token                               string
+}
+
+func newAPIServerCreds() (*apiServerCreds, error) {
+	var c apiServerCreds
+	var err error
+	if c.certPEM, c.keyPEM, err = selfSignedServingCert(); err != nil {
+		return nil, err
+	}
+	if c.saKeyPEM, c.saPubPEM, err = serviceAccountKey(); err != nil {
+		return nil, err
+	}
+	if c.token, err = randomHex(16); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// prepare picks a free port, writes the credentials into dir (serving.crt,
+// serving.key, sa.key, sa.pub, tokens.csv) and returns the APIServer's
+// client side, for the caller to add its process.
+func (c *apiServerCreds) prepare(dir string) (*APIServer, int, error) {
+	port, err := FreePort()
+	if err != nil {
+		return nil, 0, err
+	}
+	for name, data := range map[string][]byte{
+		"serving.crt": c.certPEM,
+		"serving.key": c.keyPEM,
+		"sa.key":      c.saKeyPEM,
+		"sa.pub":      c.saPubPEM,
+		"tokens.csv":  []byte(c.token + `,e2e-admin,e2e-admin-uid,"system:masters"` + "\n"),
+	} {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			return nil, 0, err
+		}
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(c.certPEM) {
+		return nil, 0, fmt.Errorf("kube-apiserver: cannot parse generated certificate")
+	}
+	return &APIServer{
+		URL:   fmt.Sprintf("https://127.0.0.1:%d", port),
+		CA:    c.certPEM,
+		Token: c.token,
+		http: &http.Client{
+			Timeout:   15 * time.Second,
+			Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}},
+		},
+	}, port, nil
 }

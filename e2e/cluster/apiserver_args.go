@@ -1,13 +1,8 @@
 package cluster
 
 import (
-	"crypto/tls"
-	"crypto/x509"
 	"fmt"
-	"net/http"
-	"os"
 	"path/filepath"
-	"time"
 )
 
 // NewAPIServerWithArgs prepares a kube-apiserver that runs with args, the
@@ -21,47 +16,15 @@ func NewAPIServerWithArgs(binary, dir, etcdURL string, args []string) (*APIServe
 	if binary == "" || dir == "" || etcdURL == "" {
 		return nil, fmt.Errorf("kube-apiserver: binary, dir and etcd URL are required")
 	}
-	port, err := FreePort()
+	creds, err := newAPIServerCreds()
 	if err != nil {
 		return nil, err
 	}
-	certPEM, keyPEM, err := selfSignedServingCert()
-	if err != nil {
-		return nil, err
-	}
-	saKeyPEM, saPubPEM, err := serviceAccountKey()
-	if err != nil {
-		return nil, err
-	}
-	token, err := randomHex(16)
+	a, port, err := creds.prepare(dir)
 	if err != nil {
 		return nil, err
 	}
 	path := func(name string) string { return filepath.Join(dir, name) }
-	for name, data := range map[string][]byte{
-		"serving.crt": certPEM,
-		"serving.key": keyPEM,
-		"sa.key":      saKeyPEM,
-		"sa.pub":      saPubPEM,
-		"tokens.csv":  []byte(token + `,e2e-admin,e2e-admin-uid,"system:masters"` + "\n"),
-	} {
-		if err := os.WriteFile(path(name), data, 0o600); err != nil {
-			return nil, err
-		}
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(certPEM) {
-		return nil, fmt.Errorf("kube-apiserver: cannot parse generated certificate")
-	}
-	a := &APIServer{
-		URL:   fmt.Sprintf("https://127.0.0.1:%d", port),
-		CA:    certPEM,
-		Token: token,
-		http: &http.Client{
-			Timeout:   15 * time.Second,
-			Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}},
-		},
-	}
 	a.proc = &Process{
 		Name:    "kube-apiserver",
 		Path:    binary,

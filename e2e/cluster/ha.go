@@ -2,11 +2,8 @@ package cluster
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -306,60 +303,14 @@ func (h *HA) LogTails(n int) string {
 	return b.String()
 }
 
-// apiServerCreds are what every kube-apiserver of the control plane
-// shares: serving certificate, service-account keys and admin token.
-type apiServerCreds struct {
-	certPEM, keyPEM, saKeyPEM, saPubPEM []byte
-	token                               string
-}
-
-func newAPIServerCreds() (*apiServerCreds, error) {
-	var c apiServerCreds
-	var err error
-	if c.certPEM, c.keyPEM, err = selfSignedServingCert(); err != nil {
-		return nil, err
-	}
-	if c.saKeyPEM, c.saPubPEM, err = serviceAccountKey(); err != nil {
-		return nil, err
-	}
-	if c.token, err = randomHex(16); err != nil {
-		return nil, err
-	}
-	return &c, nil
-}
-
 // newHAAPIServer prepares node n's kube-apiserver: the flags of
 // NewAPIServer, every etcd member over TLS, and the shared credentials.
 func newHAAPIServer(binary string, n *Node, creds *apiServerCreds, etcd *EtcdCluster) (*APIServer, error) {
-	port, err := FreePort()
+	a, port, err := creds.prepare(n.Dir)
 	if err != nil {
 		return nil, err
 	}
 	path := func(name string) string { return filepath.Join(n.Dir, name) }
-	for name, data := range map[string][]byte{
-		"serving.crt": creds.certPEM,
-		"serving.key": creds.keyPEM,
-		"sa.key":      creds.saKeyPEM,
-		"sa.pub":      creds.saPubPEM,
-		"tokens.csv":  []byte(creds.token + `,e2e-admin,e2e-admin-uid,"system:masters"` + "\n"),
-	} {
-		if err := os.WriteFile(path(name), data, 0o600); err != nil {
-			return nil, err
-		}
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(creds.certPEM) {
-		return nil, errors.New("kube-apiserver: cannot parse generated certificate")
-	}
-	a := &APIServer{
-		URL:   fmt.Sprintf("https://127.0.0.1:%d", port),
-		CA:    creds.certPEM,
-		Token: creds.token,
-		http: &http.Client{
-			Timeout:   15 * time.Second,
-			Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}},
-		},
-	}
 	a.proc = &Process{
 		Name:    "kube-apiserver@" + n.Name,
 		Path:    binary,
