@@ -39,6 +39,7 @@ const leaseHeldExitCode = 2
 type clusterClients struct {
 	client     kubernetes.Interface
 	dynamic    dynamic.Interface
+	rest       rest.Interface // nil in tests: rotate rewrites through dynamic
 	apiservers []rotation.APIServer
 }
 
@@ -54,9 +55,11 @@ func realClients(kubeconfig string, apiserverEndpoints []string, qps float32, bu
 	rc.UserAgent = "kms-plugin/" + version
 	rc.QPS, rc.Burst = qps, burst
 	out := &clusterClients{}
-	if out.client, err = kubernetes.NewForConfig(rc); err != nil {
+	cs, err := kubernetes.NewForConfig(rc)
+	if err != nil {
 		return nil, err
 	}
+	out.client, out.rest = cs, cs.CoreV1().RESTClient()
 	if out.dynamic, err = dynamic.NewForConfig(rc); err != nil {
 		return nil, err
 	}
@@ -196,7 +199,7 @@ Flags:
 		defer stop()
 	}
 	r, err := rotation.New(rotation.Config{
-		Client: cc.client, Dynamic: cc.dynamic, APIServers: cc.apiservers,
+		Client: cc.client, Dynamic: cc.dynamic, REST: cc.rest, APIServers: cc.apiservers,
 		Namespace: *namespace, Name: *name,
 		Provider: store, ProviderName: *res.providerName, Resources: resources,
 		PluginEndpoints: pluginEndpoints, PluginPort: *pluginPort,

@@ -33,7 +33,7 @@ func configFlags(fs *flag.FlagSet) func() (config.Config, error) {
 	socketGroup := fs.String("socket-group", "", "group (name or gid) given to the socket, which then gets mode 0660")
 	prov := fs.String("provider", def.Provider, "key store: local or azurekeyvault")
 	keyset := fs.String("local-keyset", def.Local.KeysetPath, "local provider: Tink keyset file, created on first start")
-	httpAddr := fs.String("http-addr", def.HTTPAddr, "HOST:PORT for /livez, /readyz, /metrics and /status (empty disables)")
+	httpAddr := fs.String("http-addr", def.HTTPAddr, "HOST:PORT for /livez, /readyz, /metrics, /status and /refresh (empty disables)")
 	poll := fs.Duration("provider-poll-interval", def.ProviderPollInterval.Duration, "how often to ask the key store for its current key version")
 	maxAge := fs.Duration("kek-max-age", def.KEK.MaxAge.Duration, "replace the local KEK after this age")
 	maxUses := fs.Uint64("kek-max-uses", def.KEK.MaxUses, "replace the local KEK after this many encryptions")
@@ -122,6 +122,21 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return serve(ctx, cfg, log)
 }
 
+// requestedRefresh returns svc.Refresh for POST /refresh, logging when the
+// refresh it ran changed the key_id (as hashes: logs carry no key material).
+func requestedRefresh(svc *envelope.Service, log *zap.Logger) func(context.Context) error {
+	return func(ctx context.Context) error {
+		before := svc.Stats().KeyID
+		err := svc.Refresh(ctx)
+		if after := svc.Stats().KeyID; after != before {
+			log.Info("key_id changed on a refresh requested over HTTP",
+				zap.String("keyIDHash", envelope.KeyIDHash(after)),
+				zap.String("previousKeyIDHash", envelope.KeyIDHash(before)))
+		}
+		return err
+	}
+}
+
 // serve runs the plugin until ctx ends: the key hierarchy's poll loop, the
 // gRPC server and the admin HTTP server. If any part fails, all stop.
 func serve(ctx context.Context, cfg config.Config, log *zap.Logger) error {
@@ -164,7 +179,16 @@ func serve(ctx context.Context, cfg config.Config, log *zap.Logger) error {
 	}
 	var adminSrv *admin.Server
 	if cfg.HTTPAddr != "" {
-		if adminSrv, err = admin.New(admin.Config{Addr: cfg.HTTPAddr, Stats: svc.Stats, Gatherer: reg, Version: version, Logger: log.Named("http")}); err != nil {
+		httpLog := log.Named("http")
+		if adminSrv, err = admin.New(admin.Config{
+			Addr:     cfg.HTTPAddr,
+			Stats:    svc.Stats,
+			Gatherer: reg,
+			Version:  version,
+			Logger:   httpLog,
+			Refresh:  requestedRefresh(svc, httpLog),
+			Observer: m,
+		}); err != nil {
 			return err
 		}
 		if err := adminSrv.Listen(); err != nil {

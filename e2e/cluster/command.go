@@ -23,6 +23,8 @@ type CommandResult struct {
 	// MaxRSS is the peak resident set size of the process (wait4 rusage
 	// ru_maxrss), in bytes.
 	MaxRSS int64
+	// CPU is the user plus system CPU time the process used (rusage).
+	CPU time.Duration
 }
 
 // String summarises the result for failure messages: exit code, duration
@@ -104,6 +106,7 @@ func (c Command) Start(ctx context.Context) (pid int, wait func() (CommandResult
 		res := CommandResult{Stdout: stdout.Bytes(), Stderr: stderr.Bytes(), Duration: time.Since(start)}
 		if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 			res.MaxRSS = ru.Maxrss * 1024 // kilobytes on Linux
+			res.CPU = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 		}
 		res.ExitCode = exitCode(cmd.ProcessState)
 		if ctx.Err() != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -204,4 +205,44 @@ func waitUntil(ctx context.Context, p *Process, timeout, interval time.Duration,
 		case <-time.After(interval):
 		}
 	}
+}
+
+// CPUTime is the user plus system CPU time the running process has used so
+// far, read from /proc. It fails when the process is not running.
+func (p *Process) CPUTime() (time.Duration, error) {
+	p.mu.Lock()
+	cmd, done := p.cmd, p.done
+	p.mu.Unlock()
+	if cmd == nil || isClosed(done) {
+		return 0, fmt.Errorf("%s is not running", p.Name)
+	}
+	return ProcCPUTime(cmd.Process.Pid)
+}
+
+// ProcCPUTime reads the user plus system CPU time of process pid from
+// /proc/PID/stat (fields 14 and 15, in clock ticks of 1/100 s on Linux).
+func ProcCPUTime(pid int) (time.Duration, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may contain spaces; fields restart after
+	// its closing parenthesis, at field 3.
+	i := bytes.LastIndexByte(data, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(data[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+	}
+	var ticks int64
+	for _, s := range f[11:13] {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * 10 * time.Millisecond, nil
 }

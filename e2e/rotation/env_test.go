@@ -29,6 +29,8 @@ type envConfig struct {
 	nodes     int
 	azure     bool     // plugins on the Key Vault test server; else the local keyset
 	resources []string // encrypted and rotated resources
+	// pluginPoll is the plugins' --provider-poll-interval; zero means 1s.
+	pluginPoll time.Duration
 }
 
 // env is one control plane under test and what the checks know about it.
@@ -71,7 +73,7 @@ func startEnv(t *testing.T, cfg envConfig) *env {
 	start := time.Now()
 	hc := cluster.HAConfig{
 		PluginBinary: bins.plugin, KubeAPIServerBinary: bins.apiserver, EtcdBinary: bins.etcd,
-		Dir: dir, Nodes: cfg.nodes, Resources: cfg.resources,
+		Dir: dir, Nodes: cfg.nodes, Resources: cfg.resources, PluginPollInterval: cfg.pluginPoll,
 	}
 	if cfg.azure {
 		if e.vault, err = cluster.StartVault(ctx, dir, "etcd-kek"); err != nil {

@@ -16,9 +16,11 @@ import (
 // with the keyset named by flags and the default --keep 1 (the previous
 // version stays enabled), once through a plugin config file (then the
 // oldest version is disabled). After each, verify shows every Secret under
-// the new key_id and `kms-plugin keyset list` the expected states.
+// the new key_id and `kms-plugin keyset list` the expected states. The
+// plugin polls its keyset only once an hour: rotate converges because it
+// asks the plugin to refresh (POST /refresh), within --converge-timeout.
 func TestRotateLocalKeyset(t *testing.T) {
-	e := startEnv(t, envConfig{nodes: 1, resources: []string{"secrets"}})
+	e := startEnv(t, envConfig{nodes: 1, resources: []string{"secrets"}, pluginPoll: time.Hour})
 	t.Cleanup(e.h.ProbeReadyz(3 * time.Second))
 	e.populate(t, []string{"local-0", "local-1"}, 150, 0)
 	minTotal := map[string]int{"secrets": 300}
@@ -29,7 +31,7 @@ func TestRotateLocalKeyset(t *testing.T) {
 	// The default --migration auto: the cluster serves
 	// storagemigration.k8s.io but runs no controller for it, so rotate
 	// falls back to updates after --svm-start-timeout.
-	res := e.runRotate(t, 0, nil, "--provider", "local", "--local-keyset", plugin.Keyset, "--migration", "auto", "--svm-start-timeout", "10s")
+	res := e.runRotate(t, 0, nil, "--provider", "local", "--local-keyset", plugin.Keyset, "--migration", "auto", "--svm-start-timeout", "10s", "--converge-timeout", "90s")
 	t.Logf("first rotate: exit 0 in %v: %s", res.Duration.Round(time.Millisecond), lastLine(string(res.Stderr)))
 	st := e.state(t)
 	if st == nil || st.Doc.Rotation == nil || st.Doc.Rotation.Migration != "update" {
@@ -55,7 +57,7 @@ func TestRotateLocalKeyset(t *testing.T) {
 	if err := os.WriteFile(config, fmt.Appendf(nil, "provider: local\nlocal:\n  keysetPath: %s\n", plugin.Keyset), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	res = e.runRotate(t, 0, nil, "--config", config)
+	res = e.runRotate(t, 0, nil, "--config", config, "--converge-timeout", "90s")
 	t.Logf("second rotate: exit 0 in %v: %s", res.Duration.Round(time.Millisecond), lastLine(string(res.Stderr)))
 	v3 := e.keyID(t)
 	if v3.KeyID == v2.KeyID || v3.KeyID == v1.KeyID {

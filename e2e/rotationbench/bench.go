@@ -46,6 +46,9 @@ type Config struct {
 	// rotate runs once per variant, each a full rotation after the previous
 	// one. Empty means one run with the defaults.
 	RotateVariants [][]string
+	// Repeats is how many times both paths run, alternating (kubectl, then
+	// every rotate variant, then kubectl again, ...); zero means once.
+	Repeats int
 	// Logf reports progress; nil means silent.
 	Logf func(format string, args ...any)
 }
@@ -53,15 +56,34 @@ type Config struct {
 // Proc is one process's share of a measurement.
 type Proc struct {
 	Duration time.Duration
-	MaxRSS   int64 // bytes
+	MaxRSS   int64         // bytes
+	CPU      time.Duration // user + system
 }
+
+// ServerCPU is the CPU time each control-plane process used during a
+// measurement, by process name ("kube-apiserver", "etcd", "kms-plugin",
+// "kvtestd").
+type ServerCPU map[string]time.Duration
+
+// Switch is when, counted from the start of a path, the plugin and then
+// kube-apiserver moved to the new key_id, as a watcher polling the plugin's
+// /status and writing a probe Secret read back from etcd saw it (every
+// 200 ms). Pickup is the part no client can shorten: kube-apiserver learns a
+// new key_id only when it next asks the plugin for its Status (its cached
+// health answer lives 20 s).
+type Switch struct {
+	Plugin, APIServer time.Duration
+}
+
+// Pickup is the time from the plugin reporting the new key_id to
+// kube-apiserver writing with it.
+func (s Switch) Pickup() time.Duration { return s.APIServer - s.Plugin }
 
 // Kubectl is the documented path.
 type Kubectl struct {
-	// KeySwitch is the time from the new key version in the vault until
-	// kube-apiserver wrote a Secret under the new key_id (the plugin's
-	// poll plus kube-apiserver's Status poll, sped up by /readyz probes).
-	KeySwitch time.Duration
+	// Switch is counted from the new key version in the vault; the pipe
+	// starts as soon as kube-apiserver writes with the new key_id.
+	Switch Switch
 	// Pipe is the wall time of get | replace.
 	Pipe         time.Duration
 	Get, Replace Proc
@@ -70,9 +92,19 @@ type Kubectl struct {
 	JSONBytes int64
 	Replaced  int
 	// Calls are the key-store calls during the pipe.
-	Calls  map[string]int64
+	Calls map[string]int64
+	// ServerCPU is what the control plane spent during the pipe.
+	ServerCPU ServerCPU
+	// KeyID is the key_id the path moved to.
+	KeyID  string
 	Verify cluster.VerifyReport
 }
+
+// Total is the path's wall time: key switch, then the pipe.
+func (k *Kubectl) Total() time.Duration { return k.Switch.APIServer + k.Pipe }
+
+// Rate is the objects per second of the pipe.
+func (k *Kubectl) Rate() float64 { return float64(k.Replaced) / k.Pipe.Seconds() }
 
 // Rotate is one `kms-plugin rotate` run.
 type Rotate struct {
@@ -87,24 +119,26 @@ type Rotate struct {
 	Stages map[string]time.Duration
 	// Rewritten is the number of objects rotate rewrote.
 	Rewritten int64
-	Calls     map[string]int64
+	// Switch is counted from the start of the rotate process.
+	Switch Switch
+	Calls  map[string]int64
+	// ServerCPU is what the control plane spent from kube-apiserver's
+	// switch to the new key_id until rotate ended: re-encryption, verify
+	// and retire.
+	ServerCPU ServerCPU
 	Verify    cluster.VerifyReport
 	Stderr    string
 }
 
-// Result is one run.
+// Result is one size's runs.
 type Result struct {
-	Secrets   int
-	Populate  time.Duration
-	OldKeyID  string
-	KubectlID string // key_id the kubectl path moved to
-	Kubectl   Kubectl
-	Rotates   []Rotate
-}
-
-// KubectlRate is the objects per second of the kubectl pipe.
-func (r *Result) KubectlRate() float64 {
-	return float64(r.Kubectl.Replaced) / r.Kubectl.Pipe.Seconds()
+	Secrets  int
+	Populate time.Duration
+	OldKeyID string
+	// Kubectls and Rotates are in the order they ran; Rotates holds every
+	// variant of every repeat.
+	Kubectls []Kubectl
+	Rotates  []Rotate
 }
 
 // ReencryptRate is the objects per second of rotate's re-encrypt stage.
@@ -168,21 +202,26 @@ func Run(ctx context.Context, cfg Config) (res *Result, err error) {
 	if err := b.populate(ctx); err != nil {
 		return nil, err
 	}
-	if err := b.kubectlPath(ctx); err != nil {
-		return nil, fmt.Errorf("kubectl path: %w", err)
-	}
 	variants := cfg.RotateVariants
 	if len(variants) == 0 {
 		variants = [][]string{nil}
 	}
-	from := b.res.KubectlID
-	for _, v := range variants {
-		r, err := b.rotatePath(ctx, v, from)
+	from := b.res.OldKeyID
+	for rep := range max(1, cfg.Repeats) {
+		k, err := b.kubectlPath(ctx, from)
 		if err != nil {
-			return nil, fmt.Errorf("rotate %s: %w", strings.Join(v, " "), err)
+			return nil, fmt.Errorf("kubectl path (run %d): %w", rep+1, err)
 		}
-		b.res.Rotates = append(b.res.Rotates, r)
-		from = r.KeyID
+		b.res.Kubectls = append(b.res.Kubectls, k)
+		from = k.KeyID
+		for _, v := range variants {
+			r, err := b.rotatePath(ctx, v, from)
+			if err != nil {
+				return nil, fmt.Errorf("rotate %s (run %d): %w", strings.Join(v, " "), rep+1, err)
+			}
+			b.res.Rotates = append(b.res.Rotates, r)
+			from = r.KeyID
+		}
 	}
 	return b.res, nil
 }
@@ -230,78 +269,147 @@ func (b *bench) populate(ctx context.Context) error {
 
 // kubectlPath makes a new key version, waits until kube-apiserver writes
 // with it, then rewrites every Secret with kubectl.
-func (b *bench) kubectlPath(ctx context.Context) error {
-	plugin := b.h.Nodes[0].Plugin
+func (b *bench) kubectlPath(ctx context.Context, from string) (Kubectl, error) {
+	k := Kubectl{}
 	start := time.Now()
+	w := b.watchSwitch(ctx, from, start)
+	defer w.stop()
 	if _, err := b.vault.NewKeyVersion(ctx); err != nil {
-		return err
+		return k, err
 	}
-	st, err := plugin.WaitForKeyIDChange(ctx, b.res.OldKeyID, time.Minute)
+	sw, keyID, err := w.wait(3 * time.Minute)
 	if err != nil {
-		return err
+		return k, err
 	}
-	b.res.KubectlID = st.KeyID
-	if err := b.waitWritesUse(ctx, st.KeyID, 3*time.Minute); err != nil {
-		return err
-	}
-	b.res.Kubectl.KeySwitch = time.Since(start)
-	b.logf("kubectl path: kube-apiserver writes with the new key_id %v after the new key version", b.res.Kubectl.KeySwitch.Round(time.Millisecond))
+	w.stop()
+	k.Switch, k.KeyID = sw, keyID
+	b.logf("kubectl path: the plugin reports the new key_id after %v, kube-apiserver writes with it after %v",
+		sw.Plugin.Round(time.Millisecond), sw.APIServer.Round(time.Millisecond))
 
 	if err := b.vault.ResetCalls(ctx); err != nil {
-		return err
+		return k, err
 	}
-	if err := b.kubectlPipe(ctx); err != nil {
-		return err
+	cpu0, err := b.serverCPU()
+	if err != nil {
+		return k, err
 	}
-	if b.res.Kubectl.Calls, err = b.vault.Calls(ctx); err != nil {
-		return err
+	if err := b.kubectlPipe(ctx, &k); err != nil {
+		return k, err
 	}
-	b.logf("kubectl path: %d Secrets replaced in %v (get %.0f MiB, replace %.0f MiB peak RSS)", b.res.Kubectl.Replaced, b.res.Kubectl.Pipe.Round(time.Millisecond),
-		mib(b.res.Kubectl.Get.MaxRSS), mib(b.res.Kubectl.Replace.MaxRSS))
-	b.res.Kubectl.Verify, err = b.verify(ctx, st.KeyID)
-	return err
+	cpu1, err := b.serverCPU()
+	if err != nil {
+		return k, err
+	}
+	k.ServerCPU = cpu1.since(cpu0)
+	if k.Calls, err = b.vault.Calls(ctx); err != nil {
+		return k, err
+	}
+	b.logf("kubectl path: %d Secrets replaced in %v (get %.0f MiB, replace %.0f MiB peak RSS; CPU get %v, replace %v, control plane %v)", k.Replaced, k.Pipe.Round(time.Millisecond),
+		mib(k.Get.MaxRSS), mib(k.Replace.MaxRSS), k.Get.CPU, k.Replace.CPU, k.ServerCPU)
+	k.Verify, err = b.verify(ctx, keyID)
+	return k, err
 }
 
-// waitWritesUse writes canary Secrets (in namespace bench-canary) until
-// one is stored under keyID.
-func (b *bench) waitWritesUse(ctx context.Context, keyID string, timeout time.Duration) error {
-	const ns = "bench-canary"
-	if _, err := b.h.Client.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{}); err != nil {
-		if _, err := b.h.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+// switchWatch records when the plugin, then kube-apiserver, move off a
+// key_id.
+type switchWatch struct {
+	done   chan struct{} // closed when the watch ends
+	cancel context.CancelFunc
+	// Valid once done is closed.
+	sw    Switch
+	keyID string
+	// cpu is the control plane's CPU time when kube-apiserver switched.
+	cpu ServerCPU
+	err error
+}
+
+// probeNamespace holds the watcher's probe Secret.
+const probeNamespace = "bench-canary"
+
+// watchSwitch starts watching, counting from start: every 200 ms it asks
+// the plugin for its key_id and, once that changed from from, writes the
+// probe Secret and reads its key_id back from etcd.
+func (b *bench) watchSwitch(ctx context.Context, from string, start time.Time) *switchWatch {
+	ctx, cancel := context.WithCancel(ctx)
+	w := &switchWatch{done: make(chan struct{}), cancel: cancel}
+	go func() {
+		defer close(w.done)
+		w.err = b.watch(ctx, from, start, w)
+	}()
+	return w
+}
+
+func (b *bench) watch(ctx context.Context, from string, start time.Time, w *switchWatch) error {
+	client := b.h.Client.CoreV1()
+	if _, err := client.Namespaces().Get(ctx, probeNamespace, metav1.GetOptions{}); err != nil {
+		if _, err := client.Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: probeNamespace}}, metav1.CreateOptions{}); err != nil {
 			return err
 		}
 	}
-	deadline := time.Now().Add(timeout)
-	s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "canary", Namespace: ns}, Data: map[string][]byte{}}
-	for i := 0; ; i++ {
-		s.Data["n"] = fmt.Appendf(nil, "%d", i)
-		var err error
-		if i == 0 {
-			s, err = b.h.Client.CoreV1().Secrets(ns).Create(ctx, s, metav1.CreateOptions{})
-		} else {
-			s, err = b.h.Client.CoreV1().Secrets(ns).Update(ctx, s, metav1.UpdateOptions{})
+	secrets := client.Secrets(probeNamespace)
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for n := 0; ; n++ {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
 		}
-		if err != nil {
-			return err
-		}
-		resp, err := b.h.EtcdClient.Get(ctx, cluster.SecretKey(ns, "canary"))
-		if err != nil {
-			return err
-		}
-		if len(resp.Kvs) == 1 {
-			if obj, err := cluster.DecodeStored(resp.Kvs[0].Value, b.h.ProviderName); err == nil && obj.KeyID == keyID {
-				return nil
+		if w.keyID == "" {
+			st, err := b.h.Nodes[0].Plugin.Status(ctx)
+			if err != nil || st.KeyID == from || st.KeyID == "" {
+				continue
 			}
+			w.sw.Plugin, w.keyID = time.Since(start), st.KeyID
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("kube-apiserver still does not write with key_id %s after %v", keyID, timeout)
+		// A write through the API, read back raw: update, or create the
+		// first time.
+		data := map[string][]byte{"n": fmt.Appendf(nil, "%d", n)}
+		s, err := secrets.Get(ctx, "probe", metav1.GetOptions{})
+		switch {
+		case err == nil:
+			s.Data = data
+			_, err = secrets.Update(ctx, s, metav1.UpdateOptions{})
+		default:
+			_, err = secrets.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "probe", Namespace: probeNamespace}, Data: data}, metav1.CreateOptions{})
 		}
-		time.Sleep(time.Second)
+		if err != nil {
+			continue // a conflict with rotate's own rewrite; try again
+		}
+		resp, err := b.h.EtcdClient.Get(ctx, cluster.SecretKey(probeNamespace, "probe"))
+		if err != nil || len(resp.Kvs) != 1 {
+			continue
+		}
+		if obj, err := cluster.DecodeStored(resp.Kvs[0].Value, b.h.ProviderName); err == nil && obj.KeyID == w.keyID {
+			w.sw.APIServer = time.Since(start)
+			w.cpu, err = b.serverCPU()
+			return err
+		}
 	}
+}
+
+// wait waits until kube-apiserver writes with the new key_id.
+func (w *switchWatch) wait(timeout time.Duration) (Switch, string, error) {
+	select {
+	case <-w.done:
+	case <-time.After(timeout):
+		w.stop()
+		return Switch{}, "", fmt.Errorf("kube-apiserver does not write with a new key_id after %v", timeout)
+	}
+	if w.err != nil {
+		return Switch{}, "", w.err
+	}
+	return w.sw, w.keyID, nil
+}
+
+// stop ends the watch and waits for it.
+func (w *switchWatch) stop() {
+	w.cancel()
+	<-w.done
 }
 
 // kubectlPipe runs kubectl get secrets -A -o json | kubectl replace -f -.
-func (b *bench) kubectlPipe(ctx context.Context) error {
+func (b *bench) kubectlPipe(ctx context.Context, k *Kubectl) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
 	defer cancel()
 	kubeconfig := "--kubeconfig=" + b.h.Kubeconfig
@@ -333,10 +441,9 @@ func (b *bench) kubectlPipe(ctx context.Context) error {
 	getDone := time.Since(start)
 	pw.Close()
 	rerr := replace.Wait()
-	k := &b.res.Kubectl
 	k.Pipe = time.Since(start)
-	k.Get = Proc{Duration: getDone, MaxRSS: maxRSS(get)}
-	k.Replace = Proc{Duration: k.Pipe, MaxRSS: maxRSS(replace)}
+	k.Get = Proc{Duration: getDone, MaxRSS: maxRSS(get), CPU: cpu(get)}
+	k.Replace = Proc{Duration: k.Pipe, MaxRSS: maxRSS(replace), CPU: cpu(replace)}
 	k.JSONBytes = count.n.Load()
 	k.Replaced = strings.Count(replaceOut.String(), " replaced\n")
 	if gerr != nil {
@@ -359,17 +466,29 @@ func (b *bench) rotatePath(ctx context.Context, extra []string, from string) (Ro
 	// a StorageVersionMigration controller before it falls back to updates.
 	args = append(args, "--min-age", "0s", "--migration", "update")
 	args = append(args, extra...)
+	w := b.watchSwitch(ctx, from, time.Now())
+	defer w.stop()
 	res, err := cluster.Command{
 		Binary: b.cfg.PluginBinary, Args: args, Env: b.vault.Env(),
 		Timeout: 30 * time.Minute, LogPath: filepath.Join(b.dir, "rotate.log"),
 	}.Run(ctx)
-	r.Total, r.Process, r.ExitCode, r.Stderr = res.Duration, Proc{Duration: res.Duration, MaxRSS: res.MaxRSS}, res.ExitCode, string(res.Stderr)
+	cpu1, cerr := b.serverCPU()
+	r.Total, r.Process, r.ExitCode, r.Stderr = res.Duration, Proc{Duration: res.Duration, MaxRSS: res.MaxRSS, CPU: res.CPU}, res.ExitCode, string(res.Stderr)
 	if err != nil {
 		return r, err
 	}
 	if res.ExitCode != 0 {
 		return r, fmt.Errorf("rotate: %s", res)
 	}
+	// rotate finished only after its canary saw the switch, so the
+	// watcher has seen it too, or is about to.
+	if r.Switch, _, err = w.wait(10 * time.Second); err != nil {
+		return r, fmt.Errorf("switch watcher: %w", err)
+	}
+	if cerr != nil {
+		return r, cerr
+	}
+	r.ServerCPU = cpu1.since(w.cpu)
 	if r.Calls, err = b.vault.Calls(ctx); err != nil {
 		return r, err
 	}
@@ -386,8 +505,8 @@ func (b *bench) rotatePath(ctx context.Context, extra []string, from string) (Ro
 	r.Stages = st.StageDurations()
 	r.Rewritten = st.Rewritten()
 	r.KeyID = st.Doc.Rotation.NewKeyID
-	b.logf("rotate %s: exit 0 in %v, %d objects rewritten, re-encrypt stage %v, peak RSS %.0f MiB", strings.Join(extra, " "), r.Total.Round(time.Millisecond), r.Rewritten,
-		r.Stages["reencrypt"].Round(time.Millisecond), mib(r.Process.MaxRSS))
+	b.logf("rotate %s: exit 0 in %v (kube-apiserver pickup %v), %d objects rewritten, re-encrypt stage %v, peak RSS %.0f MiB, CPU %v (control plane %v)", strings.Join(extra, " "), r.Total.Round(time.Millisecond),
+		r.Switch.Pickup().Round(time.Millisecond), r.Rewritten, r.Stages["reencrypt"].Round(time.Millisecond), mib(r.Process.MaxRSS), r.Process.CPU.Round(time.Millisecond), r.ServerCPU)
 	r.Verify, err = b.verify(ctx, r.KeyID)
 	return r, err
 }
@@ -426,6 +545,52 @@ func maxRSS(c *exec.Cmd) int64 {
 		return ru.Maxrss * 1024
 	}
 	return 0
+}
+
+func cpu(c *exec.Cmd) time.Duration {
+	if c.ProcessState == nil {
+		return 0
+	}
+	return c.ProcessState.UserTime() + c.ProcessState.SystemTime()
+}
+
+// serverCPU reads the CPU time used so far by every control-plane process.
+func (b *bench) serverCPU() (ServerCPU, error) {
+	out := ServerCPU{}
+	procs := append([]*cluster.Process{b.vault.Process()}, b.h.Etcd.Members()...)
+	for _, n := range b.h.Nodes {
+		procs = append(procs, n.Plugin.Process(), n.APIServer.Process())
+	}
+	for _, p := range procs {
+		d, err := p.CPUTime()
+		if err != nil {
+			return nil, err
+		}
+		name, _, _ := strings.Cut(p.Name, "@")
+		if strings.HasPrefix(name, "etcd") {
+			name = "etcd"
+		}
+		out[name] += d
+	}
+	return out, nil
+}
+
+// since returns the CPU each process used since before.
+func (c ServerCPU) since(before ServerCPU) ServerCPU {
+	out := ServerCPU{}
+	for k, v := range c {
+		out[k] = v - before[k]
+	}
+	return out
+}
+
+// Total is the CPU time of all processes.
+func (c ServerCPU) Total() time.Duration {
+	var t time.Duration
+	for _, v := range c {
+		t += v
+	}
+	return t
 }
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }

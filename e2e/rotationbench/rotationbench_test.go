@@ -34,17 +34,23 @@ func TestRotationBenchSmall(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if len(r.Rotates) != 1 {
-		t.Fatalf("%d rotate runs, want 1", len(r.Rotates))
+	if len(r.Rotates) != 1 || len(r.Kubectls) != 1 {
+		t.Fatalf("%d rotate and %d kubectl runs, want 1 each", len(r.Rotates), len(r.Kubectls))
 	}
-	rot := r.Rotates[0]
+	rot, k := r.Rotates[0], r.Kubectls[0]
 	// Both paths moved to a key_id of their own.
-	if r.KubectlID == r.OldKeyID || rot.KeyID == r.KubectlID || rot.KeyID == "" {
-		t.Errorf("key_ids: before %q, after kubectl %q, after rotate %q; want three different", r.OldKeyID, r.KubectlID, rot.KeyID)
+	if k.KeyID == r.OldKeyID || rot.KeyID == k.KeyID || rot.KeyID == "" {
+		t.Errorf("key_ids: before %q, after kubectl %q, after rotate %q; want three different", r.OldKeyID, k.KeyID, rot.KeyID)
+	}
+	// The switch watcher saw the plugin move before kube-apiserver did.
+	for _, sw := range []Switch{k.Switch, rot.Switch} {
+		if sw.Plugin <= 0 || sw.APIServer < sw.Plugin {
+			t.Errorf("switch %+v: want the plugin first, then kube-apiserver", sw)
+		}
 	}
 	// kubectl replaced every Secret (the test's and the canary).
-	if r.Kubectl.Replaced < cfg.Secrets {
-		t.Errorf("kubectl replaced %d Secrets, want at least %d", r.Kubectl.Replaced, cfg.Secrets)
+	if k.Replaced < cfg.Secrets {
+		t.Errorf("kubectl replaced %d Secrets, want at least %d", k.Replaced, cfg.Secrets)
 	}
 	// rotate rewrote every Secret: all were under the kubectl path's key.
 	if rot.Rewritten < int64(cfg.Secrets) {
@@ -54,7 +60,7 @@ func TestRotationBenchSmall(t *testing.T) {
 		path   string
 		keyID  string
 		report cluster.VerifyReport
-	}{{"kubectl", r.KubectlID, r.Kubectl.Verify}, {"rotate", rot.KeyID, rot.Verify}} {
+	}{{"kubectl", k.KeyID, k.Verify}, {"rotate", rot.KeyID, rot.Verify}} {
 		secrets, ok := x.report.Resource("secrets")
 		switch {
 		case !ok:
@@ -73,8 +79,8 @@ func TestRotationBenchSmall(t *testing.T) {
 		}
 	}
 
-	t.Logf("N=%d: kubectl pipe %v (%.0f obj/s; get %.0f MiB, replace %.0f MiB peak RSS; key switch before it %v); vault calls %v",
-		cfg.Secrets, r.Kubectl.Pipe, r.KubectlRate(), mib(r.Kubectl.Get.MaxRSS), mib(r.Kubectl.Replace.MaxRSS), r.Kubectl.KeySwitch, r.Kubectl.Calls)
+	t.Logf("N=%d: kubectl pipe %v (%.0f obj/s; get %.0f MiB, replace %.0f MiB peak RSS; switch before it %+v); vault calls %v",
+		cfg.Secrets, k.Pipe, k.Rate(), mib(k.Get.MaxRSS), mib(k.Replace.MaxRSS), k.Switch, k.Calls)
 	t.Logf("N=%d: rotate total %v, re-encrypt %v (%.0f obj/s), %d rewritten, peak RSS %.0f MiB; stages %v; vault calls %v",
 		cfg.Secrets, rot.Total, rot.Stages["reencrypt"], rot.ReencryptRate(), rot.Rewritten, mib(rot.Process.MaxRSS), rot.Stages, rot.Calls)
 }

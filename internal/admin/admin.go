@@ -1,7 +1,8 @@
 // Package admin is the plugin's HTTP endpoint for operators and tools:
 // /livez (the process answers), /readyz (the key store answered recently),
-// /metrics (Prometheus) and /status (JSON read by `kms-plugin rotate` and
-// `kms-plugin status`). It serves no key material and no request data.
+// /metrics (Prometheus), /status (JSON read by `kms-plugin rotate` and
+// `kms-plugin status`) and POST /refresh (re-read the key store's current
+// version now, rate-limited). It serves no key material and no request data.
 package admin
 
 import (
@@ -11,6 +12,9 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -32,7 +36,44 @@ type Config struct {
 	Version string
 	// Logger receives server errors. Default: no logging.
 	Logger *zap.Logger
+
+	// Refresh makes the key hierarchy ask the key store for its current
+	// version now, as envelope.Service.Refresh does. Optional: without it
+	// /refresh is 404. Its error's text is sent to the client as is, so it
+	// must say what failed and hold no secret (provider errors qualify).
+	Refresh func(context.Context) error
+	// RefreshMinInterval is the least time between the end of one refresh
+	// and the start of the next: POST /refresh sooner than that gets 429.
+	// Default DefaultRefreshMinInterval.
+	RefreshMinInterval time.Duration
+	// Observer records every POST /refresh. Optional.
+	Observer RefreshObserver
+	// Now returns the current time. Default time.Now.
+	Now func() time.Time
 }
+
+// DefaultRefreshMinInterval is RefreshMinInterval when left zero.
+const DefaultRefreshMinInterval = time.Second
+
+// refreshTimeout bounds one refresh started by POST /refresh, on top of the
+// request's own context.
+const refreshTimeout = 15 * time.Second
+
+// RefreshObserver records POST /refresh requests; *metrics.Metrics
+// implements it.
+type RefreshObserver interface {
+	// ObserveRefresh records one request by result: "ok" when the refresh
+	// it ran or joined succeeded, "error" when that refresh failed or the
+	// request ended first, "throttled" when it got 429.
+	ObserveRefresh(result string)
+}
+
+// Results passed to RefreshObserver.ObserveRefresh.
+const (
+	resultOK        = "ok"
+	resultError     = "error"
+	resultThrottled = "throttled"
+)
 
 // Status is the JSON document served at /status. Its field names are a
 // contract with the rotation tool: add fields, never rename them.
@@ -72,6 +113,18 @@ type Server struct {
 	log  *zap.Logger
 	http *http.Server
 	lis  net.Listener
+
+	refreshMu   sync.Mutex
+	refreshing  *refreshFlight // the refresh running now, or nil
+	lastRefresh time.Time      // when the last refresh finished
+}
+
+// refreshFlight is one call of Config.Refresh, shared by every request that
+// arrives while it runs.
+type refreshFlight struct {
+	done    chan struct{} // closed when err is set
+	err     error
+	waiters int // requests that joined the leader, under Server.refreshMu
 }
 
 // New returns a Server. It opens nothing: call Listen, then Serve.
@@ -84,6 +137,12 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
+	}
+	if cfg.RefreshMinInterval <= 0 {
+		cfg.RefreshMinInterval = DefaultRefreshMinInterval
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger}
 	s.http = &http.Server{
@@ -105,6 +164,9 @@ func (s *Server) Handler() http.Handler {
 	})
 	mux.HandleFunc("GET /readyz", s.readyz)
 	mux.HandleFunc("GET /status", s.status)
+	if s.cfg.Refresh != nil {
+		mux.HandleFunc("POST /refresh", s.refresh)
+	}
 	if s.cfg.Gatherer != nil {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{ErrorLog: zap.NewStdLog(s.log)}))
 	}
@@ -177,6 +239,94 @@ func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
 	if err := enc.Encode(StatusOf(s.cfg.Stats(), s.cfg.Version)); err != nil {
 		s.log.Warn("write /status", zap.Error(err))
 	}
+}
+
+// refresh serves POST /refresh: it runs Config.Refresh, or joins the call
+// already running, and answers like GET /status once it finished. A request
+// that would start a call sooner than RefreshMinInterval after the previous
+// one finished gets 429 with Retry-After.
+func (s *Server) refresh(w http.ResponseWriter, r *http.Request) {
+	ctx := r.Context()
+	s.refreshMu.Lock()
+	fl := s.refreshing
+	leader := fl == nil
+	if leader {
+		if wait := s.refreshWait(); wait > 0 {
+			s.refreshMu.Unlock()
+			s.observe(resultThrottled)
+			secs := int64((wait + time.Second - 1) / time.Second)
+			w.Header().Set("Retry-After", strconv.FormatInt(secs, 10))
+			plainText(w, http.StatusTooManyRequests, fmt.Sprintf("refresh: the key store was asked less than %s ago; retry in %d s", s.cfg.RefreshMinInterval, secs))
+			return
+		}
+		fl = &refreshFlight{done: make(chan struct{})}
+		s.refreshing = fl
+	} else {
+		fl.waiters++
+	}
+	s.refreshMu.Unlock()
+
+	if leader {
+		s.runRefresh(ctx, fl)
+	}
+	select {
+	case <-fl.done:
+	case <-ctx.Done():
+		s.observe(resultError)
+		plainText(w, http.StatusServiceUnavailable, "refresh: request ended before the refresh finished")
+		return
+	}
+	if fl.err != nil {
+		s.observe(resultError)
+		plainText(w, http.StatusServiceUnavailable, strings.ReplaceAll(fl.err.Error(), "\n", "; "))
+		return
+	}
+	s.observe(resultOK)
+	s.status(w, r)
+}
+
+// refreshWait returns how long a new refresh must still wait. Callers hold
+// refreshMu.
+func (s *Server) refreshWait() time.Duration {
+	if s.lastRefresh.IsZero() {
+		return 0
+	}
+	wait := s.cfg.RefreshMinInterval - s.cfg.Now().Sub(s.lastRefresh)
+	return min(wait, s.cfg.RefreshMinInterval) // a clock stepped back waits no longer
+}
+
+// runRefresh calls Config.Refresh for fl, bounded by ctx and refreshTimeout,
+// then finishes fl and starts the next RefreshMinInterval, even if Refresh
+// panics.
+func (s *Server) runRefresh(ctx context.Context, fl *refreshFlight) {
+	defer func() {
+		s.refreshMu.Lock()
+		s.refreshing = nil
+		s.lastRefresh = s.cfg.Now()
+		s.refreshMu.Unlock()
+		close(fl.done)
+	}()
+	fl.err = errors.New("refresh: did not return") // replaced unless Refresh panics
+	ctx, cancel := context.WithTimeout(ctx, refreshTimeout)
+	defer cancel()
+	fl.err = s.cfg.Refresh(ctx)
+	if fl.err != nil {
+		s.log.Warn("refresh requested over HTTP failed", zap.Error(fl.err))
+	}
+}
+
+func (s *Server) observe(result string) {
+	if s.cfg.Observer != nil {
+		s.cfg.Observer.ObserveRefresh(result)
+	}
+}
+
+// plainText writes one line of text with the code.
+func plainText(w http.ResponseWriter, code int, msg string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(code)
+	fmt.Fprintln(w, msg)
 }
 
 // StatusOf builds the /status document from a stats snapshot.

@@ -46,7 +46,7 @@ type Config struct {
 	Local LocalConfig `json:"local"`
 	// Azure configures the Azure Key Vault / Managed HSM provider.
 	Azure AzureConfig `json:"azure"`
-	// HTTPAddr is where /livez, /readyz, /metrics and /status listen.
+	// HTTPAddr is where /livez, /readyz, /metrics, /status and /refresh listen.
 	// Empty disables the HTTP server.
 	HTTPAddr string `json:"httpAddr"`
 	// ProviderPollInterval is how often the key store is asked for its

@@ -97,6 +97,7 @@ type Service struct {
 	log      *zap.Logger
 
 	active  atomic.Pointer[localKEK]
+	refresh sync.Mutex // serializes whole Refresh calls, so health only moves forward
 	rotate  sync.Mutex // serializes making new local KEKs
 	cache   *kekCache
 	flights flights
@@ -192,17 +193,32 @@ func (s *Service) Run(ctx context.Context) error {
 // Refresh asks the provider for its current key version and makes a new
 // local KEK when the version changed or the current one reached its age
 // limit. Status answers from what Refresh last saw.
+//
+// Refresh is safe for concurrent use (Run and an operator's request may call
+// it at once): calls run one after the other, so a slow call never overwrites
+// the outcome of a later one. Time spent waiting for another call does not
+// count against RemoteTimeout. A call that fails because ctx ended (the
+// caller gave up, not the key store) returns ctx's error and leaves the last
+// outcome in place.
 func (s *Service) Refresh(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.RemoteTimeout)
+	s.refresh.Lock()
+	defer s.refresh.Unlock()
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("refresh: %w", err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.RemoteTimeout)
 	defer cancel()
 	attempt := s.cfg.Now()
 	prev := s.health.Load()
-	version, err := s.provider.CurrentVersion(ctx)
+	version, err := s.provider.CurrentVersion(rctx)
 	if err == nil {
 		a := s.active.Load()
 		if a == nil || a.entry.remoteVersion != version || s.expired(a, attempt) {
-			_, err = s.newLocalKEK(ctx, a)
+			_, err = s.newLocalKEK(rctx, a)
 		}
+	}
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("refresh: %w", err)
 	}
 	h := &health{attempt: attempt, success: prev.success, err: err, remoteVersion: prev.remoteVersion}
 	if err == nil {

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -586,5 +587,129 @@ func TestDeriveKeyID(t *testing.T) {
 	}
 	if !strings.HasPrefix(a, "kp1.") || len(a) > 64 {
 		t.Fatalf("key_id %q: want kp1. prefix and a short id", a)
+	}
+}
+
+// gatedProvider holds the first CurrentVersion call made after arm until
+// release is closed, then answers it with slow: a key store that answers a
+// slow call late. Every call made after arm is signalled on entered.
+type gatedProvider struct {
+	provider.Provider
+	slow    func() (string, error)
+	armed   atomic.Bool
+	hold    atomic.Bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *gatedProvider) arm() {
+	g.hold.Store(true)
+	g.armed.Store(true)
+}
+
+func (g *gatedProvider) CurrentVersion(ctx context.Context) (string, error) {
+	if g.armed.Load() {
+		g.entered <- struct{}{}
+	}
+	if g.hold.CompareAndSwap(true, false) {
+		<-g.release
+		return g.slow()
+	}
+	return g.Provider.CurrentVersion(ctx)
+}
+
+// TestRefreshSerialized runs a slow Refresh and a later fast one at once (as
+// Run and the admin endpoint may): the later call must not reach the key
+// store before the slow one finished, and the outcome left is the later one.
+func TestRefreshSerialized(t *testing.T) {
+	tests := []struct {
+		name string
+		// slow is the late answer to the first call, given the version
+		// that was current before the key store rotated.
+		slow func(old string) (string, error)
+	}{
+		{"late failure", func(string) (string, error) { return "", fmt.Errorf("late: %w", provider.ErrUnavailable) }},
+		{"late answer with the previous version", func(old string) (string, error) { return old, nil }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			g := &gatedProvider{entered: make(chan struct{}, 8), release: make(chan struct{})}
+			f := newFixture(t, func(c *Config) { g.Provider, c.Provider = c.Provider, g })
+			f.refresh(t)
+			old := mustVersion(t, f.local)
+			g.slow = func() (string, error) { return tt.slow(old) }
+			next := f.rotateRemote(t)
+
+			ctx := context.Background()
+			g.arm()
+			first := make(chan error, 1)
+			go func() { first <- f.svc.Refresh(ctx) }()
+			<-g.entered // the first call is at the key store
+			f.clock.Add(time.Second)
+			second := make(chan error, 1)
+			go func() { second <- f.svc.Refresh(ctx) }()
+			select {
+			case <-g.entered:
+				t.Errorf("second Refresh reached the key store while the first was still running")
+			case <-time.After(50 * time.Millisecond):
+			}
+			close(g.release)
+			<-first
+			if err := <-second; err != nil {
+				t.Fatalf("second Refresh = %v; want nil", err)
+			}
+
+			st := f.svc.Stats()
+			if want := DeriveKeyID("local", next); st.KeyID != want {
+				t.Errorf("key_id = %q; want %q (the later call's version)", st.KeyID, want)
+			}
+			if st.RemoteVersion != next {
+				t.Errorf("RemoteVersion = %q; want %q", st.RemoteVersion, next)
+			}
+			if now := f.clock.Now(); !st.LastAttempt.Equal(now) || !st.LastSuccess.Equal(now) {
+				t.Errorf("LastAttempt, LastSuccess = %v, %v; want both %v (the later call)", st.LastAttempt, st.LastSuccess, now)
+			}
+			if !st.Ready || st.LastError != "" {
+				t.Errorf("Ready, LastError = %v, %q; want true, \"\"", st.Ready, st.LastError)
+			}
+		})
+	}
+}
+
+// TestRefreshCallerGaveUp checks that a Refresh whose caller's context ended
+// leaves the last outcome alone, while a key store that does not answer
+// within RemoteTimeout is still recorded as a failure.
+func TestRefreshCallerGaveUp(t *testing.T) {
+	canceled, cancel := context.WithCancel(context.Background())
+	cancel()
+	tests := []struct {
+		name      string
+		ctx       func(t *testing.T) context.Context
+		delay     time.Duration
+		wantErr   error
+		wantReady bool
+	}{
+		{"canceled before the call", func(*testing.T) context.Context { return canceled }, 0, context.Canceled, true},
+		{"deadline during the call", func(t *testing.T) context.Context {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+			t.Cleanup(cancel)
+			return ctx
+		}, time.Minute, context.DeadlineExceeded, true},
+		{"key store slower than RemoteTimeout", func(*testing.T) context.Context { return context.Background() }, time.Minute, context.DeadlineExceeded, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFixture(t, func(c *Config) { c.RemoteTimeout = 50 * time.Millisecond })
+			f.refresh(t)
+			f.remote.Delay = tt.delay
+			f.clock.Add(time.Second)
+			if err := f.svc.Refresh(tt.ctx(t)); !errors.Is(err, tt.wantErr) {
+				t.Fatalf("Refresh = %v; want %v", err, tt.wantErr)
+			}
+			st := f.svc.Stats()
+			if st.Ready != tt.wantReady || (st.LastError == "") != tt.wantReady {
+				t.Fatalf("Ready, LastError = %v, %q; want ready %v", st.Ready, st.LastError, tt.wantReady)
+			}
+		})
 	}
 }

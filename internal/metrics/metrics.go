@@ -6,6 +6,7 @@ package metrics
 import (
 	"context"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -23,7 +24,11 @@ type Metrics struct {
 	rpcDuration  *prometheus.HistogramVec
 	calls        *prometheus.CounterVec
 	callDuration *prometheus.HistogramVec
+	refreshes    *prometheus.CounterVec
 }
+
+// refreshResults are the result label values of refresh_requests_total.
+var refreshResults = []string{"ok", "error", "throttled"}
 
 // New creates the metrics and registers them, with Go runtime and process
 // collectors and a collector reading stats at every scrape, on reg.
@@ -47,9 +52,16 @@ func New(reg prometheus.Registerer, stats func() envelope.Stats) (*Metrics, erro
 			Help:    "Key store call latency by provider and operation.",
 			Buckets: prometheus.ExponentialBuckets(.0005, 2.5, 12),
 		}, []string{"provider", "operation"}),
+		refreshes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "refresh_requests_total",
+			Help: "POST /refresh requests by result (ok, error, throttled).",
+		}, []string{"result"}),
+	}
+	for _, r := range refreshResults {
+		m.refreshes.WithLabelValues(r) // export zeros before the first request
 	}
 	for _, c := range []prometheus.Collector{
-		m.rpcs, m.rpcDuration, m.calls, m.callDuration,
+		m.rpcs, m.rpcDuration, m.calls, m.callDuration, m.refreshes,
 		&statsCollector{stats: stats},
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
@@ -65,6 +77,16 @@ func New(reg prometheus.Registerer, stats func() envelope.Stats) (*Metrics, erro
 func (m *Metrics) ObserveRPC(method, code string, d time.Duration) {
 	m.rpcs.WithLabelValues(method, code).Inc()
 	m.rpcDuration.WithLabelValues(method).Observe(d.Seconds())
+}
+
+// ObserveRefresh records one POST /refresh request by result: "ok",
+// "error" or "throttled". Any other value is counted as "error", so the
+// label stays bounded.
+func (m *Metrics) ObserveRefresh(result string) {
+	if !slices.Contains(refreshResults, result) {
+		result = "error"
+	}
+	m.refreshes.WithLabelValues(result).Inc()
 }
 
 // Outcome classifies a provider error into a bounded label value.

@@ -58,6 +58,10 @@ func TestProviderAndStatsMetrics(t *testing.T) {
 	faulty.SetError(fmt.Errorf("down: %w", provider.ErrUnavailable))
 	_ = svc.Refresh(ctx)
 	m.ObserveRPC("Encrypt", "OK", time.Millisecond)
+	m.ObserveRefresh("ok")
+	m.ObserveRefresh("throttled")
+	m.ObserveRefresh("throttled")
+	m.ObserveRefresh("local: keyset: down") // not a result: counted as error
 
 	want := `
 # HELP kms_plugin_provider_calls_total Calls to the key store by provider, operation and outcome.
@@ -68,6 +72,11 @@ kms_plugin_provider_calls_total{operation="wrap",outcome="ok",provider="local"} 
 # HELP kms_plugin_grpc_requests_total KMS v2 gRPC requests by method and status code.
 # TYPE kms_plugin_grpc_requests_total counter
 kms_plugin_grpc_requests_total{code="OK",method="Encrypt"} 1
+# HELP kms_plugin_refresh_requests_total POST /refresh requests by result (ok, error, throttled).
+# TYPE kms_plugin_refresh_requests_total counter
+kms_plugin_refresh_requests_total{result="error"} 1
+kms_plugin_refresh_requests_total{result="ok"} 1
+kms_plugin_refresh_requests_total{result="throttled"} 2
 # HELP kms_plugin_ready 1 when the key store answered the last poll and the state is fresh.
 # TYPE kms_plugin_ready gauge
 kms_plugin_ready 0
@@ -76,7 +85,7 @@ kms_plugin_ready 0
 kms_plugin_local_keks_created_total 1
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
-		"kms_plugin_provider_calls_total", "kms_plugin_grpc_requests_total", "kms_plugin_ready", "kms_plugin_local_keks_created_total"); err != nil {
+		"kms_plugin_provider_calls_total", "kms_plugin_grpc_requests_total", "kms_plugin_refresh_requests_total", "kms_plugin_ready", "kms_plugin_local_keks_created_total"); err != nil {
 		t.Fatal(err)
 	}
 	st := svc.Stats()

@@ -147,6 +147,12 @@ type plugin struct {
 	keyID    string // pinned key_id, or ""
 	ready    bool
 	provName string
+	// polling makes the plugin report the key store version it saw at its
+	// last refresh (POST /refresh, the first one at its first request),
+	// like a real plugin between two polls; refreshes counts them.
+	polling   bool
+	seen      string
+	refreshes int
 }
 
 func (p *plugin) pin(keyID string) {
@@ -162,17 +168,27 @@ func (p *plugin) setReady(ready bool) {
 }
 
 func (p *plugin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.URL.Path != "/status" {
+	refresh := r.Method == http.MethodPost && r.URL.Path == "/refresh"
+	if r.URL.Path != "/status" && !(refresh && p.polling) {
 		http.NotFound(w, r)
 		return
 	}
 	p.mu.Lock()
-	keyID, ready, name := p.keyID, p.ready, p.provName
+	keyID, ready, name, polling, seen := p.keyID, p.ready, p.provName, p.polling, p.seen
 	p.mu.Unlock()
 	v, err := p.provider.CurrentVersion(r.Context())
 	if err != nil {
 		http.Error(w, err.Error(), 500)
 		return
+	}
+	if polling {
+		p.mu.Lock()
+		if refresh || seen == "" {
+			p.seen = v
+			p.refreshes++
+		}
+		v = p.seen
+		p.mu.Unlock()
 	}
 	if keyID == "" {
 		keyID = envelope.DeriveKeyID(local.Name, v)

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"unicode"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -24,7 +25,8 @@ import (
 type PluginTarget struct {
 	// Node is the Node name when discovered, else the endpoint.
 	Node string `json:"node"`
-	// URL is the plugin's HTTP base; its status is at URL/status.
+	// URL is the plugin's HTTP base; its status is at URL/status and its
+	// refresh at URL/refresh.
 	URL string `json:"url"`
 }
 
@@ -126,6 +128,46 @@ func nodeIP(n *corev1.Node) string {
 
 // Ask gets every target's /status, concurrently.
 func (s PluginSource) Ask(ctx context.Context, targets []PluginTarget) []PluginStatus {
+	return s.each(ctx, targets, func(ctx context.Context, hc *http.Client, t PluginTarget) (*admin.Status, error) {
+		return askPlugin(ctx, hc, http.MethodGet, t.URL, "/status")
+	})
+}
+
+// Refresh asks every target, concurrently, to re-read its key store's
+// current version now (POST URL/refresh) instead of at its next poll, and
+// returns what each answered: its /status document after the refresh, or
+// Err. Err is advisory: a plugin without the endpoint (404, older than this
+// tool), one that refreshed moments ago (429) or one whose key store failed
+// (503) still picks up the new version at its next poll, so callers should go
+// on waiting with Ask rather than stop.
+func (s PluginSource) Refresh(ctx context.Context, targets []PluginTarget) []PluginStatus {
+	return s.each(ctx, targets, func(ctx context.Context, hc *http.Client, t PluginTarget) (*admin.Status, error) {
+		st, err := askPlugin(ctx, hc, http.MethodPost, t.URL, "/refresh")
+		var ae *answerError
+		if !errors.As(err, &ae) {
+			return st, err
+		}
+		switch ae.code {
+		case http.StatusNotFound:
+			return nil, fmt.Errorf("%w: the plugin has no /refresh endpoint (older than this tool); it picks up the new key version at its next poll", ae)
+		case http.StatusTooManyRequests:
+			wait := ""
+			if ae.retryAfter != "" {
+				wait = fmt.Sprintf(" (Retry-After %s s)", ae.retryAfter)
+			}
+			return nil, fmt.Errorf("%w: the plugin refreshed moments ago and limits how often it asks its key store%s", ae, wait)
+		default:
+			if ae.body != "" {
+				return nil, fmt.Errorf("%w: %s", ae, ae.body)
+			}
+			return nil, ae
+		}
+	})
+}
+
+// each runs ask for every target concurrently and collects the answers in
+// the targets' order.
+func (s PluginSource) each(ctx context.Context, targets []PluginTarget, ask func(context.Context, *http.Client, PluginTarget) (*admin.Status, error)) []PluginStatus {
 	hc := s.HTTP
 	if hc == nil {
 		hc = http.DefaultClient
@@ -137,7 +179,7 @@ func (s PluginSource) Ask(ctx context.Context, targets []PluginTarget) []PluginS
 		go func() {
 			defer wg.Done()
 			out[i] = PluginStatus{PluginTarget: t}
-			st, err := getStatus(ctx, hc, t.URL)
+			st, err := ask(ctx, hc, t)
 			if err != nil {
 				out[i].Err = err.Error()
 				return
@@ -149,8 +191,25 @@ func (s PluginSource) Ask(ctx context.Context, targets []PluginTarget) []PluginS
 	return out
 }
 
-func getStatus(ctx context.Context, hc *http.Client, base string) (*admin.Status, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/status", nil)
+// answerError is a plugin's answer other than 200.
+type answerError struct {
+	method, path string
+	code         int
+	status       string // "503 Service Unavailable"
+	retryAfter   string // the Retry-After header, if any
+	body         string // the first line of a plain-text body, shortened
+}
+
+func (e *answerError) Error() string { return fmt.Sprintf("%s %s: %s", e.method, e.path, e.status) }
+
+// maxErrorBody bounds how much of a plugin's plain-text error is quoted.
+const maxErrorBody = 300
+
+// askPlugin sends method to base+path and parses the /status document the
+// plugin answers with (GET /status and POST /refresh answer the same one).
+// An answer other than 200 is an *answerError.
+func askPlugin(ctx context.Context, hc *http.Client, method, base, path string) (*admin.Status, error) {
+	req, err := http.NewRequestWithContext(ctx, method, base+path, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -161,17 +220,37 @@ func getStatus(ctx context.Context, hc *http.Client, base string) (*admin.Status
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%s %s: read answer: %w", method, path, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET /status: %s", resp.Status)
+		ae := &answerError{method: method, path: path, code: resp.StatusCode, status: resp.Status, retryAfter: resp.Header.Get("Retry-After")}
+		if strings.HasPrefix(resp.Header.Get("Content-Type"), "text/plain") {
+			ae.body = firstLine(body, maxErrorBody)
+		}
+		return nil, ae
 	}
 	var st admin.Status
 	if err := json.Unmarshal(body, &st); err != nil {
-		return nil, fmt.Errorf("GET /status: not a kms-plugin status document: %w", err)
+		return nil, fmt.Errorf("%s %s: not a kms-plugin status document: %w", method, path, err)
 	}
 	if st.KeyIDHash == "" && st.KeyID != "" {
 		st.KeyIDHash = envelope.KeyIDHash(st.KeyID)
 	}
 	return &st, nil
+}
+
+// firstLine returns b's first line, trimmed and cut to at most n bytes of
+// printable text.
+func firstLine(b []byte, n int) string {
+	line, _, _ := strings.Cut(string(b), "\n")
+	line = strings.Map(func(r rune) rune {
+		if unicode.IsPrint(r) {
+			return r
+		}
+		return -1
+	}, strings.TrimSpace(line))
+	if len(line) > n {
+		line = strings.ToValidUTF8(line[:n], "") + "..."
+	}
+	return line
 }

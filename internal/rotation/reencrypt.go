@@ -18,7 +18,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/client-go/dynamic"
 
 	"github.com/kms-plugin/kms-plugin/internal/etcdscan"
 )
@@ -56,12 +55,12 @@ func (x *run) reencrypt(ctx context.Context) (stageResult, error) {
 		if done {
 			continue
 		}
-		gvr, err := x.r.resolve(ctx, res)
+		served, err := x.r.resolve(ctx, res)
 		if err != nil {
 			return stageResult{}, err
 		}
 		if x.rot.Migration == string(MigrationSVM) {
-			fellBack, err := x.migrateSVM(ctx, res, gvr.GroupResource(), svmGVR, prog)
+			fellBack, err := x.migrateSVM(ctx, res, served.gvr.GroupResource(), svmGVR, prog)
 			if err != nil {
 				return stageResult{}, err
 			}
@@ -72,7 +71,7 @@ func (x *run) reencrypt(ctx context.Context) (stageResult, error) {
 			x.rot.Migration = string(MigrationUpdate)
 			x.mu.Unlock()
 		}
-		if err := x.rewriteResource(ctx, res, gvr, prog, limiter, &rewritten); err != nil {
+		if err := x.rewriteResource(ctx, res, served, prog, limiter, &rewritten); err != nil {
 			return stageResult{}, err
 		}
 	}
@@ -158,16 +157,23 @@ func (r *Runner) svmServed(ctx context.Context) (schema.GroupVersionResource, bo
 	return schema.GroupVersionResource{}, false, nil
 }
 
+// servedResource is a resource as the cluster serves it.
+type servedResource struct {
+	gvr        schema.GroupVersionResource
+	kind       string
+	namespaced bool
+}
+
 // resolve finds the served version of resource ("secrets",
 // "deployments.apps").
-func (r *Runner) resolve(ctx context.Context, resource string) (schema.GroupVersionResource, error) {
+func (r *Runner) resolve(ctx context.Context, resource string) (servedResource, error) {
 	name, group, _ := strings.Cut(resource, ".")
 	disc := r.cfg.Client.Discovery()
 	gv := "v1"
 	if group != "" {
 		groups, err := disc.ServerGroups()
 		if err != nil {
-			return schema.GroupVersionResource{}, fmt.Errorf("discover API groups: %w", err)
+			return servedResource{}, fmt.Errorf("discover API groups: %w", err)
 		}
 		gv = ""
 		for _, g := range groups.Groups {
@@ -176,90 +182,104 @@ func (r *Runner) resolve(ctx context.Context, resource string) (schema.GroupVers
 			}
 		}
 		if gv == "" {
-			return schema.GroupVersionResource{}, fmt.Errorf("resource %s: the cluster serves no API group %s", resource, group)
+			return servedResource{}, fmt.Errorf("resource %s: the cluster serves no API group %s", resource, group)
 		}
 	}
 	list, err := disc.ServerResourcesForGroupVersion(gv)
 	if err != nil {
-		return schema.GroupVersionResource{}, fmt.Errorf("resource %s: discover %s: %w", resource, gv, err)
+		return servedResource{}, fmt.Errorf("resource %s: discover %s: %w", resource, gv, err)
 	}
 	for _, res := range list.APIResources {
 		if res.Name == name {
 			if !slices.Contains(res.Verbs, "update") || !slices.Contains(res.Verbs, "list") {
-				return schema.GroupVersionResource{}, fmt.Errorf("resource %s cannot be listed and updated", resource)
+				return servedResource{}, fmt.Errorf("resource %s cannot be listed and updated", resource)
 			}
 			parsed, err := schema.ParseGroupVersion(gv)
 			if err != nil {
-				return schema.GroupVersionResource{}, err
+				return servedResource{}, err
 			}
-			return parsed.WithResource(name), nil
+			return servedResource{gvr: parsed.WithResource(name), kind: res.Kind, namespaced: res.Namespaced}, nil
 		}
 	}
-	return schema.GroupVersionResource{}, fmt.Errorf("resource %s: %s serves no resource %s", resource, gv, name)
+	return servedResource{}, fmt.Errorf("resource %s: %s serves no resource %s", resource, gv, name)
 }
 
 // rewriteResource pages through resource and rewrites the objects that are
-// not under the new key_id.
-func (x *run) rewriteResource(ctx context.Context, res string, gvr schema.GroupVersionResource, prog *ResourceProgress, limiter *rate.Limiter, rewritten *atomic.Int64) error {
-	ri := x.cfg.Dynamic.Resource(gvr)
+// not under the new key_id. Listing runs one page ahead of the workers, so
+// they never wait for a LIST; the saved list position only ever moves past
+// a page whose every object was handled.
+func (x *run) rewriteResource(ctx context.Context, res string, served servedResource, prog *ResourceProgress, limiter *rate.Limiter, rewritten *atomic.Int64) error {
+	store := x.objectStore(served)
 	x.mu.Lock()
 	cont := prog.Continue
 	x.mu.Unlock()
 	log := x.log.With(zap.String("resource", res))
-	log.Info("re-encrypting", zap.String("gvr", gvr.String()), zap.Bool("resuming", cont != ""), zap.Bool("etcdSkip", x.cfg.Etcd != nil))
+	log.Info("re-encrypting", zap.String("gvr", served.gvr.String()), zap.String("wire", store.wire()),
+		zap.Bool("resuming", cont != ""), zap.Bool("etcdSkip", x.cfg.Etcd != nil))
 	rep := x.newReporter(res, prog)
 	defer rep.stop()
-	for {
-		var list *unstructured.UnstructuredList
-		err := retry(ctx, func() error {
-			var err error
-			list, err = ri.List(ctx, metav1.ListOptions{Limit: x.cfg.PageSize, Continue: cont})
-			return err
-		})
-		if cont != "" && (apierrors.IsResourceExpired(err) || apierrors.IsGone(err) || apierrors.IsBadRequest(err)) {
-			log.Info("the saved list position expired; listing again from the start (objects already rewritten are skipped)")
-			cont = ""
+
+	lctx, stopListing := context.WithCancel(ctx)
+	defer stopListing()
+	pages := make(chan *pageWork, 1)
+	work := make(chan pageItem, x.cfg.Workers)
+	listErr := make(chan error, 1)
+	go func() {
+		defer close(work)
+		defer close(pages)
+		listErr <- x.listPages(lctx, res, store, cont, prog, pages, work)
+	}()
+	var wg sync.WaitGroup
+	for range x.cfg.Workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for it := range work {
+				if ctx.Err() != nil || x.isCrashed() {
+					it.page.skipped.Store(true)
+				} else {
+					x.rewriteOne(ctx, store, it.obj, prog, limiter, rewritten)
+				}
+				it.page.finish()
+			}
+		}()
+	}
+	defer wg.Wait()
+
+	var stopErr error
+	for p := range pages {
+		<-p.done
+		if stopErr != nil {
+			continue // drain: the lister stops at its next send
+		}
+		switch {
+		case x.isCrashed():
+			stopErr = ErrCrashed
+		case ctx.Err() != nil:
+			stopErr = context.Cause(ctx)
+		case p.skipped.Load():
+			stopErr = errors.New("re-encryption stopped before a page was done")
+		}
+		if stopErr != nil {
+			stopListing()
 			continue
 		}
-		if err != nil {
-			return fmt.Errorf("list %s: %w", res, err)
-		}
-		current := x.currentObjects(ctx, res, list.Items)
 		x.mu.Lock()
-		prog.Listed += int64(len(list.Items))
-		if rem := list.GetRemainingItemCount(); rem != nil {
-			prog.Estimate = prog.Listed + *rem
-		}
-		x.mu.Unlock()
-
-		todo := make([]*unstructured.Unstructured, 0, len(list.Items))
-		for i := range list.Items {
-			if current[i] {
-				x.count(func() { prog.SkippedCurrent++ })
-				continue
-			}
-			todo = append(todo, &list.Items[i])
-		}
-		x.rewritePage(ctx, ri, todo, prog, limiter, rewritten)
-		if x.crashed {
-			return ErrCrashed
-		}
-		if err := ctx.Err(); err != nil {
-			return context.Cause(ctx)
-		}
-		cont = list.GetContinue()
-		x.mu.Lock()
-		prog.Continue = cont
-		if cont == "" {
+		prog.Continue = p.cont
+		if p.cont == "" {
 			prog.Done = true
 		}
 		x.mu.Unlock()
 		if err := x.save(ctx); err != nil {
-			return err
+			stopErr = err
+			stopListing()
 		}
-		if cont == "" {
-			break
-		}
+	}
+	if stopErr != nil {
+		return stopErr
+	}
+	if err := <-listErr; err != nil {
+		return err
 	}
 	x.mu.Lock()
 	p := *prog
@@ -270,31 +290,112 @@ func (x *run) rewriteResource(ctx context.Context, res string, gvr schema.GroupV
 	return nil
 }
 
+// objectStore picks how objects of served are read and written: raw JSON
+// through Config.REST, else the dynamic client.
+func (x *run) objectStore(served servedResource) objectStore {
+	if x.cfg.REST != nil && served.kind != "" {
+		return newRawStore(x.cfg.REST, served.gvr, served.kind, served.namespaced)
+	}
+	return dynamicStore{ri: x.cfg.Dynamic.Resource(served.gvr)}
+}
+
+// pageWork tracks the objects of one listed page still being rewritten.
+type pageWork struct {
+	cont    string // the list position after this page
+	pending atomic.Int64
+	skipped atomic.Bool // an object was left alone (stopping)
+	done    chan struct{}
+}
+
+func newPageWork(cont string, n int) *pageWork {
+	p := &pageWork{cont: cont, done: make(chan struct{})}
+	p.pending.Store(int64(n))
+	if n == 0 {
+		close(p.done)
+	}
+	return p
+}
+
+// finish marks one object of the page handled.
+func (p *pageWork) finish() {
+	if p.pending.Add(-1) == 0 {
+		close(p.done)
+	}
+}
+
+// pageItem is one object to rewrite and the page it came from.
+type pageItem struct {
+	obj  *storedObject
+	page *pageWork
+}
+
+// listPages lists resource from cont page by page until the end, sending
+// each page (in order) to pages and then its objects that are not yet
+// under the new key_id to work.
+func (x *run) listPages(ctx context.Context, res string, store objectStore, cont string, prog *ResourceProgress, pages chan<- *pageWork, work chan<- pageItem) error {
+	for {
+		var page objectPage
+		err := retry(ctx, func() error {
+			var err error
+			page, err = store.list(ctx, x.cfg.PageSize, cont)
+			return err
+		})
+		if cont != "" && (apierrors.IsResourceExpired(err) || apierrors.IsGone(err) || apierrors.IsBadRequest(err)) {
+			x.log.Info("the saved list position expired; listing again from the start (objects already rewritten are skipped)", zap.String("resource", res))
+			cont = ""
+			continue
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil // stopping: the caller knows why
+			}
+			return fmt.Errorf("list %s: %w", res, err)
+		}
+		current := x.currentObjects(ctx, res, page.items)
+		x.mu.Lock()
+		prog.Listed += int64(len(page.items))
+		if page.remaining != nil {
+			prog.Estimate = prog.Listed + *page.remaining
+		}
+		x.mu.Unlock()
+		todo := make([]*storedObject, 0, len(page.items))
+		for i, o := range page.items {
+			if current[i] {
+				x.count(func() { prog.SkippedCurrent++ })
+				continue
+			}
+			todo = append(todo, o)
+		}
+		pw := newPageWork(page.cont, len(todo))
+		select {
+		case pages <- pw:
+		case <-ctx.Done():
+			return nil
+		}
+		for i, o := range todo {
+			select {
+			case work <- pageItem{obj: o, page: pw}:
+			case <-ctx.Done():
+				// Account for the objects never handed out.
+				for range todo[i:] {
+					pw.skipped.Store(true)
+					pw.finish()
+				}
+				return nil
+			}
+		}
+		if page.cont == "" {
+			return nil
+		}
+		cont = page.cont
+	}
+}
+
 // count applies f to the progress under the lock.
 func (x *run) count(f func()) {
 	x.mu.Lock()
 	f()
 	x.mu.Unlock()
-}
-
-// rewritePage updates todo with the configured number of workers.
-func (x *run) rewritePage(ctx context.Context, ri dynamic.NamespaceableResourceInterface, todo []*unstructured.Unstructured, prog *ResourceProgress, limiter *rate.Limiter, rewritten *atomic.Int64) {
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range min(x.cfg.Workers, len(todo)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := next.Add(1) - 1
-				if int(i) >= len(todo) || ctx.Err() != nil || x.isCrashed() {
-					return
-				}
-				x.rewriteOne(ctx, ri, todo[i], prog, limiter, rewritten)
-			}
-		}()
-	}
-	wg.Wait()
 }
 
 func (x *run) isCrashed() bool {
@@ -305,19 +406,14 @@ func (x *run) isCrashed() bool {
 
 // rewriteOne does the no-op update of one object: with the object as
 // listed, then, after a conflict, as read again.
-func (x *run) rewriteOne(ctx context.Context, ri dynamic.NamespaceableResourceInterface, obj *unstructured.Unstructured, prog *ResourceProgress, limiter *rate.Limiter, rewritten *atomic.Int64) {
-	var rc dynamic.ResourceInterface = ri
-	if ns := obj.GetNamespace(); ns != "" {
-		rc = ri.Namespace(ns)
-	}
-	name := obj.GetName()
+func (x *run) rewriteOne(ctx context.Context, store objectStore, obj *storedObject, prog *ResourceProgress, limiter *rate.Limiter, rewritten *atomic.Int64) {
 	cur := obj
 	var lastErr error
 	for attempt := 1; ; attempt++ {
 		if err := limiter.Wait(ctx); err != nil {
 			return
 		}
-		_, err := rc.Update(ctx, cur, metav1.UpdateOptions{FieldManager: FieldManager})
+		err := store.update(ctx, cur)
 		switch {
 		case err == nil:
 			x.count(func() { prog.Rewritten++ })
@@ -330,18 +426,19 @@ func (x *run) rewriteOne(ctx context.Context, ri dynamic.NamespaceableResourceIn
 			return
 		case apierrors.IsConflict(err) && attempt < maxAttempts:
 			x.count(func() { prog.ConflictsRetried++ })
-			var gerr error
-			cur, gerr = rc.Get(ctx, name, metav1.GetOptions{})
-			if apierrors.IsNotFound(gerr) {
+			fresh, gerr := store.get(ctx, obj)
+			switch {
+			case apierrors.IsNotFound(gerr):
 				x.count(func() { prog.SkippedDeleted++ })
 				return
-			}
-			if gerr != nil {
+			case gerr != nil:
 				lastErr = gerr
 				cur = obj
 				if sleep(ctx, backoff(attempt)) != nil {
 					return
 				}
+			default:
+				cur = fresh
 			}
 			continue
 		case transient(err) && attempt < maxAttempts:
@@ -358,7 +455,7 @@ func (x *run) rewriteOne(ctx context.Context, ri dynamic.NamespaceableResourceIn
 				err = fmt.Errorf("%w (after %v)", err, lastErr)
 			}
 			x.count(func() { prog.Failed++ })
-			x.log.Warn("could not rewrite an object", zap.String("resource", prog.Resource), zap.String("namespace", obj.GetNamespace()), zap.String("name", name), zap.Error(err))
+			x.log.Warn("could not rewrite an object", zap.String("resource", prog.Resource), zap.String("namespace", obj.namespace), zap.String("name", obj.name), zap.Error(err))
 			return
 		}
 	}
@@ -399,7 +496,7 @@ func retry(ctx context.Context, f func() error) error {
 // currentObjects tells, per listed object, whether etcd already holds it
 // under the new key_id. Without etcd, or when etcd cannot say, nothing is
 // current and every object is rewritten.
-func (x *run) currentObjects(ctx context.Context, res string, items []unstructured.Unstructured) []bool {
+func (x *run) currentObjects(ctx context.Context, res string, items []*storedObject) []bool {
 	out := make([]bool, len(items))
 	if x.cfg.Etcd == nil || len(items) == 0 {
 		return out
@@ -408,8 +505,8 @@ func (x *run) currentObjects(ctx context.Context, res string, items []unstructur
 	for _, prefix := range etcdscan.KeyPrefixes(x.cfg.EtcdPrefix, res) {
 		idx := make(map[string]int, len(items))
 		lo, hi := "", ""
-		for i := range items {
-			k := prefix + objectPath(&items[i])
+		for i, o := range items {
+			k := prefix + o.path()
 			idx[k] = i
 			if lo == "" || k < lo {
 				lo = k
@@ -438,14 +535,6 @@ func (x *run) currentObjects(ctx context.Context, res string, items []unstructur
 		}
 	}
 	return out
-}
-
-// objectPath is NAMESPACE/NAME or NAME, as in the object's etcd key.
-func objectPath(o *unstructured.Unstructured) string {
-	if ns := o.GetNamespace(); ns != "" {
-		return ns + "/" + o.GetName()
-	}
-	return o.GetName()
 }
 
 var nonDNS = regexp.MustCompile(`[^a-z0-9-]+`)

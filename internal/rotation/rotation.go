@@ -25,6 +25,7 @@ import (
 	"go.uber.org/zap"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	"github.com/kms-plugin/kms-plugin/internal/etcdscan"
 	"github.com/kms-plugin/kms-plugin/internal/provider"
@@ -79,7 +80,7 @@ const (
 	DefaultQPS             = 1000
 	DefaultPageSize        = 500
 	DefaultLeaseDuration   = 60 * time.Second
-	DefaultPollInterval    = 5 * time.Second
+	DefaultPollInterval    = 250 * time.Millisecond
 	DefaultSVMStartTimeout = 2 * time.Minute
 	// CanaryName is the Secret that converge writes through every
 	// apiserver and reads back raw from etcd.
@@ -102,9 +103,14 @@ type Config struct {
 	// Client reaches the cluster: state ConfigMap, Lease, Nodes, the canary
 	// and discovery. Required.
 	Client kubernetes.Interface
-	// Dynamic rewrites objects and creates StorageVersionMigrations.
-	// Required unless DryRun.
+	// Dynamic creates StorageVersionMigrations, and rewrites objects when
+	// REST is nil. Required unless DryRun.
 	Dynamic dynamic.Interface
+	// REST rewrites objects: each is listed and written back as the JSON
+	// the apiserver sent, never decoded, so no field is lost and little
+	// CPU is spent. Any REST client of the cluster will do (requests use
+	// absolute paths). Nil: Dynamic does.
+	REST rest.Interface
 	// APIServers are the apiservers the canary is written through; empty
 	// means Client only, under the name "default".
 	APIServers []APIServer

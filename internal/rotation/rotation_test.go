@@ -391,6 +391,33 @@ func TestConvergeTimeoutKeepsKeys(t *testing.T) {
 	}
 }
 
+func TestConvergeAsksPluginsToRefresh(t *testing.T) {
+	c := newCluster(t, clusterOpts{secrets: 3, plugins: 2})
+	for _, p := range c.plugins {
+		p.mu.Lock()
+		p.polling = true
+		p.mu.Unlock()
+	}
+	cfg := c.config()
+	cfg.LocalKeysetShared = true
+	// Without POST /refresh these plugins never report the new version.
+	cfg.ConvergeTimeout = 2 * time.Second
+	_, _, old := c.versions()
+	if _, err := runOnce(t, c.runner(cfg)); err != nil {
+		t.Fatal(err)
+	}
+	checkRotated(t, c, old)
+	for i, p := range c.plugins {
+		p.mu.Lock()
+		n := p.refreshes
+		p.mu.Unlock()
+		// One at the first /status, at least one on request.
+		if n < 2 {
+			t.Errorf("plugin %d refreshed %d times; want the first poll and at least one requested refresh", i, n)
+		}
+	}
+}
+
 func TestCanaryWaitsForEveryAPIServer(t *testing.T) {
 	c := newCluster(t, clusterOpts{secrets: 3})
 	old := c.storeKeyID()

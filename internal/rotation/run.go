@@ -480,12 +480,23 @@ func (x *run) converge(ctx context.Context) (stageResult, error) {
 	newHash := envelope.KeyIDHash(x.rot.NewKeyID)
 	src := x.r.pluginSource()
 	lastMsg := ""
+	// Ask every plugin to re-read its key store now rather than at its
+	// next poll (a minute by default); then nudge only the laggards.
+	nudge := x.targets
 	for {
-		statuses := src.Ask(cctx, x.targets)
+		var statuses []PluginStatus
+		if len(nudge) > 0 {
+			statuses = x.refreshPlugins(cctx, src, nudge)
+		}
+		statuses = append(statuses, src.Ask(cctx, without(x.targets, nudge))...)
 		var lagging []string
+		nudge = nil
 		for _, s := range statuses {
 			if !s.Healthy() || s.KeyID() != x.rot.NewKeyID {
 				lagging = append(lagging, s.describe())
+				if s.Err == "" {
+					nudge = append(nudge, s.PluginTarget)
+				}
 			}
 		}
 		if len(lagging) == 0 {
@@ -529,6 +540,59 @@ func (x *run) converge(ctx context.Context) (stageResult, error) {
 	return stageResult{note: fmt.Sprintf("%d plugins and %d apiservers (canary %s read back from etcd) on key_id hash %s", len(x.targets), len(apis), canaryRes, newHash)}, nil
 }
 
+// refreshPlugins asks targets to re-read their key store (POST /refresh)
+// and, for those that could not (an older plugin, one that refreshed moments
+// ago, a key store error), what GET /status says. Refusals are logged, not
+// fatal: such a plugin still picks up the new version at its next poll.
+func (x *run) refreshPlugins(ctx context.Context, src PluginSource, targets []PluginTarget) []PluginStatus {
+	out := src.Refresh(ctx, targets)
+	var retry []PluginTarget
+	for _, s := range out {
+		if s.Err != "" {
+			x.log.Info("plugin did not refresh on request; waiting for its own poll", zap.String("node", s.Node), zap.String("reason", s.Err))
+			retry = append(retry, s.PluginTarget)
+		}
+	}
+	if len(retry) == 0 {
+		return out
+	}
+	asked := src.Ask(ctx, retry)
+	for i, j := 0, 0; i < len(out); i++ {
+		if out[i].Err != "" {
+			out[i] = asked[j]
+			j++
+		}
+	}
+	return out
+}
+
+// without returns the targets of all that are not in some.
+func without(all, some []PluginTarget) []PluginTarget {
+	if len(some) == 0 {
+		return all
+	}
+	out := make([]PluginTarget, 0, len(all))
+	for _, t := range all {
+		if !slices.Contains(some, t) {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// nudgeReadyz asks a's /readyz. kube-apiserver asks its KMS plugins for
+// their Status (and so learns a new key_id) when a health check runs and
+// its cached answer is older than 20 s, else only once a minute; kubelets
+// probing /readyz every second keep that at 20 s, and so does this on
+// clusters whose probes are slower. The answer does not matter.
+func nudgeReadyz(ctx context.Context, a APIServer) {
+	rc := a.Client.Discovery().RESTClient()
+	if rc == nil {
+		return
+	}
+	_ = rc.Get().AbsPath("/readyz").Do(ctx).Error()
+}
+
 // waitCanary writes the canary through a until etcd shows it under the new
 // key_id.
 func (x *run) waitCanary(cctx, ctx context.Context, a APIServer, resource string) error {
@@ -537,6 +601,7 @@ func (x *run) waitCanary(cctx, ctx context.Context, a APIServer, resource string
 	newHash := envelope.KeyIDHash(x.rot.NewKeyID)
 	last := ""
 	for {
+		nudgeReadyz(cctx, a)
 		got, err := x.writeCanary(cctx, a, resource, scanner, key)
 		var perm *permanentError
 		switch {
@@ -557,7 +622,7 @@ func (x *run) waitCanary(cctx, ctx context.Context, a APIServer, resource string
 			if ctx.Err() != nil {
 				return context.Cause(ctx)
 			}
-			return fmt.Errorf("apiserver %s did not pick up the new key_id (hash %s) within %s: %s; kube-apiserver asks the plugin for its Status every minute, check its logs", a.Name, newHash, x.cfg.ConvergeTimeout, last)
+			return fmt.Errorf("apiserver %s did not pick up the new key_id (hash %s) within %s: %s; kube-apiserver asks the plugin for its Status at most every 20 s (once a minute without /readyz probes), check its logs", a.Name, newHash, x.cfg.ConvergeTimeout, last)
 		}
 	}
 }

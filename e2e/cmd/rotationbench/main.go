@@ -40,7 +40,8 @@ func main() {
 func run(ctx context.Context) error {
 	sizes := flag.String("sizes", "1000,10000", "comma-separated numbers of Secrets, one run each")
 	out := flag.String("out", "", "write the Markdown report here (default: stdout)")
-	variants := flag.String("rotate-variants", ";--qps 200 --workers 8;--workers 16", "rotate runs per size, separated by ';', each the extra flags of one run (empty: the defaults)")
+	variants := flag.String("rotate-variants", ";--qps 200 --workers 8", "rotate runs per size, separated by ';', each the extra flags of one run (empty: the defaults)")
+	repeats := flag.Int("repeats", 3, "runs of both paths per size, alternating; the report gives medians")
 	flag.Parse()
 	var ns []int
 	for _, s := range strings.Split(*sizes, ",") {
@@ -59,7 +60,7 @@ func run(ctx context.Context) error {
 	for _, v := range strings.Split(*variants, ";") {
 		rotateVariants = append(rotateVariants, strings.Fields(v))
 	}
-	cfg := rotationbench.Config{PluginBinary: plugin, RotateVariants: rotateVariants, Logf: func(format string, args ...any) {
+	cfg := rotationbench.Config{PluginBinary: plugin, RotateVariants: rotateVariants, Repeats: *repeats, Logf: func(format string, args ...any) {
 		fmt.Fprintf(os.Stderr, "%s "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
 	}}
 	if cfg.KubeAPIServerBinary, err = cluster.KubeAPIServerBinary(); err != nil {
@@ -84,8 +85,10 @@ func run(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("%d Secrets: %w", n, err)
 		}
-		if r.Kubectl.Verify.Stale != 0 {
-			return fmt.Errorf("%d Secrets: %d stale objects after the kubectl path", n, r.Kubectl.Verify.Stale)
+		for _, k := range r.Kubectls {
+			if k.Verify.Stale != 0 {
+				return fmt.Errorf("%d Secrets: %d stale objects after the kubectl path", n, k.Verify.Stale)
+			}
 		}
 		for _, x := range r.Rotates {
 			if x.Verify.Stale != 0 {
