@@ -41,6 +41,7 @@ e2e: build e2e-tools
 		KUBE_APISERVER_BIN=$(CACHE)/kube-apiserver-v1.37.2 \
 		ETCD_BIN=$(CACHE)/etcd-v3.6.16 \
 		KUBECTL_BIN=$(CACHE)/kubectl-v1.37.2 \
+		KUBE_CONTROLLER_MANAGER_BIN=$(CACHE)/kube-controller-manager-v1.37.2 \
 		$(GO) test $(E2E_FLAGS) ./...
 
 bench: build

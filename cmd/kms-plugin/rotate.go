@@ -132,7 +132,7 @@ Flags:
 	keep := fs.Int("keep", 1, "old key versions kept enabled besides the current one")
 	dryRun := fs.Bool("dry-run", false, "show what a run would do; change nothing")
 	wait := fs.Bool("wait", false, "wait for a Lease held by another run instead of exiting with code 2")
-	migration := fs.String("migration", string(rotation.MigrationAuto), "auto, update or storageversionmigration (auto: StorageVersionMigration where the cluster serves it and a controller runs it, else updates)")
+	migration := fs.String("migration", string(rotation.MigrationUpdate), "update, storageversionmigration or auto (auto: StorageVersionMigration where the cluster serves it and a controller runs it, else updates)")
 	progress := fs.String("progress", "auto", "auto, bar or log: a progress bar on a terminal, else log lines")
 	leaseDuration := fs.Duration("lease-duration", rotation.DefaultLeaseDuration, "Lease duration; a crashed run's Lease is free after it (at once on the same host)")
 	pollInterval := fs.Duration("poll-interval", rotation.DefaultPollInterval, "how often to poll plugins, the canary and migrations")

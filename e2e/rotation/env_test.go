@@ -297,14 +297,11 @@ func (e *env) keyID(t *testing.T) cluster.PluginStatus {
 
 // rotate is a `kms-plugin rotate` run against the control plane with the
 // harness's flags, the key store's flags and extra on top (later flags
-// win). The test defaults: rotate on every run (--min-age 0s); rewrite by
-// updates (--migration update: the harness runs no kube-controller-manager,
-// so a StorageVersionMigration would never start and --migration auto
-// would wait --svm-start-timeout before it falls back to updates); poll the
-// plugins and the canary every 2s.
+// win). The test defaults: rotate on every run (--min-age 0s), converge
+// within 4 minutes; everything else as rotate's own defaults.
 func (e *env) rotate(extraEnv []string, extra ...string) cluster.Command {
 	args := append(e.h.RotateArgs(), e.providerArgs...)
-	args = append(args, "--min-age", "0s", "--converge-timeout", "4m", "--migration", "update", "--poll-interval", "2s")
+	args = append(args, "--min-age", "0s", "--converge-timeout", "4m")
 	return cluster.Command{
 		Binary:  bins.plugin,
 		Args:    append(args, extra...),

@@ -28,9 +28,9 @@ func TestRotateLocalKeyset(t *testing.T) {
 	v1 := e.keyID(t)
 	e.checkStored(t, v1.KeyID)
 
-	// The default --migration auto: the cluster serves
-	// storagemigration.k8s.io but runs no controller for it, so rotate
-	// falls back to updates after --svm-start-timeout.
+	// --migration auto: the cluster serves storagemigration.k8s.io but
+	// runs no controller for it (no kube-controller-manager Lease), so
+	// rotate rewrites with updates at once.
 	res := e.runRotate(t, 0, nil, "--provider", "local", "--local-keyset", plugin.Keyset, "--migration", "auto", "--svm-start-timeout", "10s", "--converge-timeout", "90s")
 	t.Logf("first rotate: exit 0 in %v: %s", res.Duration.Round(time.Millisecond), lastLine(string(res.Stderr)))
 	st := e.state(t)

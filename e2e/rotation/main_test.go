@@ -22,7 +22,7 @@ import (
 
 // bins are the binaries every test runs.
 var bins struct {
-	plugin, apiserver, etcd string
+	plugin, apiserver, etcd, controllerManager string
 }
 
 func TestMain(m *testing.M) {
@@ -45,6 +45,9 @@ func run(m *testing.M) int {
 	}
 	if bins.etcd, err = cluster.EtcdBinary(); err != nil {
 		return fail("etcd binary: %v", err)
+	}
+	if bins.controllerManager, err = cluster.KubeControllerManagerBinary(); err != nil {
+		return fail("kube-controller-manager binary: %v", err)
 	}
 	return m.Run()
 }

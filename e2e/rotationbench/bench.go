@@ -461,10 +461,7 @@ func (b *bench) rotatePath(ctx context.Context, extra []string, from string) (Ro
 		return r, err
 	}
 	args := append(b.h.RotateArgs(), b.vault.ProviderArgs()...)
-	// --migration update: the harness runs no kube-controller-manager, so
-	// with the default auto rotate would wait --svm-start-timeout (2m) for
-	// a StorageVersionMigration controller before it falls back to updates.
-	args = append(args, "--min-age", "0s", "--migration", "update")
+	args = append(args, "--min-age", "0s")
 	args = append(args, extra...)
 	w := b.watchSwitch(ctx, from, time.Now())
 	defer w.stop()

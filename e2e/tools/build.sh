@@ -5,11 +5,13 @@
 #   ${KMS_E2E_CACHE:-<repo>/.cache/bin}/kube-apiserver-v1.37.2
 #   ${KMS_E2E_CACHE:-<repo>/.cache/bin}/etcd-v3.6.16
 #   ${KMS_E2E_CACHE:-<repo>/.cache/bin}/kubectl-v1.37.2   (rotation benchmark)
+#   ${KMS_E2E_CACHE:-<repo>/.cache/bin}/kube-controller-manager-v1.37.2
+#       (its storage version migrator, for rotate's StorageVersionMigration path)
 #
 # Each binary is built under a temporary name and renamed into place, so an
 # interrupted build never leaves a half-written binary behind.
 #
-# Usage: bash e2e/tools/build.sh [kube-apiserver|etcd|kubectl]...   (default: all)
+# Usage: bash e2e/tools/build.sh [kube-apiserver|kube-controller-manager|etcd|kubectl]...   (default: all)
 set -euo pipefail
 
 KUBE_APISERVER_VERSION=v1.37.2
@@ -50,13 +52,17 @@ build() {
 
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
-	targets=(kube-apiserver etcd kubectl)
+	targets=(kube-apiserver kube-controller-manager etcd kubectl)
 fi
 
 for target in "${targets[@]}"; do
 	case "${target}" in
 	kube-apiserver)
 		build "kube-apiserver-${KUBE_APISERVER_VERSION}" "${tools_dir}/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+		;;
+	kube-controller-manager)
+		# Same k8s.io/kubernetes version as kube-apiserver, its own go.sum.
+		build "kube-controller-manager-${KUBE_APISERVER_VERSION}" "${tools_dir}/kube-controller-manager-${KUBE_APISERVER_VERSION}" k8s.io/kubernetes/cmd/kube-controller-manager
 		;;
 	etcd)
 		build "etcd-${ETCD_VERSION}" "${tools_dir}/etcd" .
@@ -65,7 +71,7 @@ for target in "${targets[@]}"; do
 		build "kubectl-${KUBECTL_VERSION}" "${tools_dir}/kubectl-${KUBECTL_VERSION}" k8s.io/kubernetes/cmd/kubectl
 		;;
 	*)
-		log "unknown target ${target:?} (want kube-apiserver, etcd or kubectl)"
+		log "unknown target ${target:?} (want kube-apiserver, kube-controller-manager, etcd or kubectl)"
 		exit 2
 		;;
 	esac

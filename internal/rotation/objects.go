@@ -135,9 +135,15 @@ func (s rawStore) object(raw []byte) (*storedObject, error) {
 	return &storedObject{namespace: head.Metadata.Namespace, name: head.Metadata.Name, raw: raw}, nil
 }
 
+// metadataOnly asks the apiserver to answer an update with the object's
+// metadata alone (it serves that form for every resource), so it does not
+// encode and send back the whole object that is dropped anyway; plain JSON
+// is the fallback for servers that do not.
+const metadataOnly = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
+
 func (s rawStore) update(ctx context.Context, o *storedObject) error {
 	return s.rc.Put().AbsPath(s.prefix).NamespaceIfScoped(o.namespace, s.namespaced).Resource(s.resource).Name(o.name).
-		Param("fieldManager", FieldManager).SetHeader("Content-Type", "application/json").SetHeader("Accept", "application/json").
+		Param("fieldManager", FieldManager).SetHeader("Content-Type", "application/json").SetHeader("Accept", metadataOnly).
 		Body(o.raw).Do(ctx).Error()
 }
 

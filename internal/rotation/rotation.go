@@ -163,7 +163,7 @@ type Config struct {
 	DryRun bool
 	// Wait waits for a Lease held by another run instead of failing.
 	Wait bool
-	// Migration selects how objects are rewritten. Default auto.
+	// Migration selects how objects are rewritten. Default update.
 	Migration Migration
 	// SVMStartTimeout is how long a StorageVersionMigration may show no
 	// condition before auto falls back to updates. Default 2m.
@@ -345,7 +345,7 @@ func New(cfg Config) (*Runner, error) {
 	}
 	switch cfg.Migration {
 	case "":
-		cfg.Migration = MigrationAuto
+		cfg.Migration = MigrationUpdate
 	case MigrationAuto, MigrationUpdate, MigrationSVM:
 	default:
 		return nil, fmt.Errorf("rotation: migration %q: want auto, update or storageversionmigration", cfg.Migration)
