@@ -17,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kms-plugin/kms-plugin/internal/clocktest"
 	"github.com/kms-plugin/kms-plugin/internal/envelope"
 )
 
@@ -105,24 +106,6 @@ func TestServeAndShutdown(t *testing.T) {
 	if _, err := http.Get("http://" + s.Addr() + "/livez"); err == nil {
 		t.Fatal("still serving after shutdown")
 	}
-}
-
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *fakeClock) Add(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
 }
 
 // results records ObserveRefresh calls.
@@ -246,7 +229,7 @@ func TestRefresh(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ks := &keyStore{err: tt.err}
-			clock := &fakeClock{now: time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)}
+			clock := clocktest.New(time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC))
 			obs := &results{}
 			cfg := Config{Addr: "127.0.0.1:0", Stats: ks.Stats, Refresh: ks.Refresh, RefreshMinInterval: tt.minInterval, Observer: obs, Now: clock.Now}
 			if tt.noRefresh {

@@ -16,34 +16,17 @@ import (
 
 	kmsservice "k8s.io/kms/pkg/service"
 
+	"github.com/kms-plugin/kms-plugin/internal/clocktest"
 	"github.com/kms-plugin/kms-plugin/internal/provider"
 	"github.com/kms-plugin/kms-plugin/internal/provider/local"
 	"github.com/kms-plugin/kms-plugin/internal/provider/providertest"
 )
 
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *fakeClock) Add(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
-}
-
 type fixture struct {
 	svc    *Service
 	remote *providertest.Faulty
 	local  *local.Provider
-	clock  *fakeClock
+	clock  *clocktest.Clock
 }
 
 func newFixture(t testing.TB, mutate func(*Config)) *fixture {
@@ -52,7 +35,7 @@ func newFixture(t testing.TB, mutate func(*Config)) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{remote: providertest.NewFaulty(lp), local: lp, clock: &fakeClock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}}
+	f := &fixture{remote: providertest.NewFaulty(lp), local: lp, clock: clocktest.New(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))}
 	cfg := Config{Provider: f.remote, Now: f.clock.Now}
 	if mutate != nil {
 		mutate(&cfg)

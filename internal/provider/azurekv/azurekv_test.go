@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kms-plugin/kms-plugin/internal/clocktest"
 	"github.com/kms-plugin/kms-plugin/internal/envelope"
 	"github.com/kms-plugin/kms-plugin/internal/provider"
 	"github.com/kms-plugin/kms-plugin/internal/provider/azurekv/kvtest"
@@ -238,7 +239,7 @@ func TestBackwardsVersion(t *testing.T) {
 
 func TestExpiredNewestVersion(t *testing.T) {
 	srv := startServer(t, kvtest.Options{})
-	clock := newFakeClock()
+	clock := clocktest.New(time.Now())
 	p := newTestProvider(t, srv, "expiring", kvtest.KeyTypeRSA, func(c *Config) { c.Now = clock.Now })
 	kid1, _ := srv.KeyID("expiring", "")
 	ctx := context.Background()
@@ -250,7 +251,7 @@ func TestExpiredNewestVersion(t *testing.T) {
 	if v, err := p.CurrentVersion(ctx); err != nil || v != kid2 {
 		t.Fatalf("CurrentVersion = %q, %v; want %q", v, err, kid2)
 	}
-	clock.Advance(2 * time.Hour)
+	clock.Add(2 * time.Hour)
 	if v, err := p.CurrentVersion(ctx); err != nil || v != kid1+"#after="+lastSegment(kid2) {
 		t.Fatalf("CurrentVersion after the newest expired = %q, %v; want %q", v, err, kid1+"#after="+lastSegment(kid2))
 	}
@@ -325,7 +326,7 @@ func TestThrottlingAndServerErrors(t *testing.T) {
 
 func TestCircuitBreaker(t *testing.T) {
 	srv := startServer(t, kvtest.Options{})
-	clock := newFakeClock()
+	clock := clocktest.New(time.Now())
 	p := newTestProvider(t, srv, "breaker", kvtest.KeyTypeRSA, func(c *Config) {
 		c.Now, c.FailureThreshold, c.OpenDuration, c.MaxRetries = clock.Now, 3, time.Minute, 1
 	})
@@ -360,7 +361,7 @@ func TestCircuitBreaker(t *testing.T) {
 		t.Fatalf("20 failing-fast calls took %s", d)
 	}
 	// Half-open after the cool-down: one probe, which fails and reopens.
-	clock.Advance(time.Minute)
+	clock.Add(time.Minute)
 	if _, err := p.CurrentVersion(ctx); errors.Is(err, errCircuitOpen) || !errors.Is(err, provider.ErrUnavailable) {
 		t.Fatalf("probe = %v; want a real attempt", err)
 	}
@@ -372,7 +373,7 @@ func TestCircuitBreaker(t *testing.T) {
 	}
 	// The vault is back: the next probe closes the circuit.
 	srv.SetOutage(false)
-	clock.Advance(time.Minute)
+	clock.Add(time.Minute)
 	if got, err := p.CurrentVersion(ctx); err != nil || got != v {
 		t.Fatalf("after recovery CurrentVersion = %q, %v", got, err)
 	}
@@ -460,7 +461,7 @@ func TestPermissionDenied(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			srv := startServer(t, tt.opts)
-			clock := newFakeClock()
+			clock := clocktest.New(time.Now())
 			if _, err := srv.CreateKey("denied", kvtest.KeyTypeRSA, 0); err != nil {
 				t.Fatal(err)
 			}
@@ -503,7 +504,7 @@ func TestPermissionDenied(t *testing.T) {
 			}
 			// Granted, and after the back-off, it works again.
 			srv.SetPermissions(kvtest.App(clientID), kvtest.AllPermissions()...)
-			clock.Advance(DefaultDeniedBackoff)
+			clock.Add(DefaultDeniedBackoff)
 			if err := tt.call(p, w); err != nil {
 				t.Fatalf("after granting: %v", err)
 			}
