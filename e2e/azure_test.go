@@ -331,7 +331,7 @@ type azEnv struct {
 
 func (e *azEnv) namespace(prefix string) string {
 	e.t.Helper()
-	name := prefix + "-" + randomHex(e.t, 3)
+	name := prefix + "-" + cluster.RandomHex(3)
 	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}
 	if _, err := e.c.Client.CoreV1().Namespaces().Create(context.Background(), ns, metav1.CreateOptions{}); err != nil {
 		e.t.Fatal(err)
@@ -349,7 +349,7 @@ func (e *azEnv) create(ns, name string) map[string][]byte {
 }
 
 func (e *azEnv) tryCreate(ctx context.Context, ns, name string) (map[string][]byte, error) {
-	data := map[string][]byte{"password": []byte("azure-e2e-" + name + "-" + randomHex(e.t, 8))}
+	data := map[string][]byte{"password": []byte("azure-e2e-" + name + "-" + cluster.RandomHex(8))}
 	s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns}, Data: data}
 	if _, err := e.c.Client.CoreV1().Secrets(ns).Create(ctx, s, metav1.CreateOptions{}); err != nil {
 		return nil, fmt.Errorf("create %s/%s: %w", ns, name, err)

@@ -8,7 +8,6 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/base64"
 	"fmt"
 	"net/http"
@@ -188,7 +187,7 @@ func TestPluginOutage(t *testing.T) {
 	killed := time.Now()
 	// kube-apiserver caches a good Status for 20s, then a Status call times
 	// out after the provider's 3s timeout.
-	waitAPI(t, 90*time.Second, "/readyz/"+kmsCheck+" to fail with the plugin down", func() error {
+	cluster.WaitFor(context.Background(), t, 90*time.Second, 2*time.Second, "/readyz/"+kmsCheck+" to fail with the plugin down", func() error {
 		code, body := apiGet(t, "/readyz/"+kmsCheck)
 		if code == http.StatusOK {
 			return fmt.Errorf("/readyz/%s = %d %q", kmsCheck, code, body)
@@ -207,7 +206,7 @@ func TestPluginOutage(t *testing.T) {
 	if got := pluginKeyID(t); got != keyID {
 		t.Fatalf("after restart the plugin reports key ID %q, want %q as before", got, keyID)
 	}
-	waitAPI(t, 90*time.Second, "/readyz/"+kmsCheck+" to recover", func() error {
+	cluster.WaitFor(context.Background(), t, 90*time.Second, 2*time.Second, "/readyz/"+kmsCheck+" to recover", func() error {
 		if code, body := apiGet(t, "/readyz/"+kmsCheck); code != http.StatusOK {
 			return fmt.Errorf("/readyz/%s = %d %q", kmsCheck, code, body)
 		}
@@ -264,7 +263,7 @@ func TestKeyRotation(t *testing.T) {
 	// which key ID it encrypts with.
 	rotated := time.Now()
 	canary := 0
-	waitAPI(t, 3*time.Minute, "kube-apiserver to write with the new key ID", func() error {
+	cluster.WaitFor(context.Background(), t, 3*time.Minute, 2*time.Second, "kube-apiserver to write with the new key ID", func() error {
 		apiGet(t, "/readyz")
 		canary++
 		name := fmt.Sprintf("canary-%d", canary)
@@ -336,7 +335,7 @@ var unsafeName = regexp.MustCompile(`[^a-z0-9]+`)
 func newNamespace(t *testing.T) string {
 	t.Helper()
 	slug := strings.Trim(unsafeName.ReplaceAllString(strings.ToLower(t.Name()), "-"), "-")
-	name := fmt.Sprintf("%.40s-%s", slug, randomHex(t, 3))
+	name := fmt.Sprintf("%.40s-%s", slug, cluster.RandomHex(3))
 	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}
 	if _, err := c.Client.CoreV1().Namespaces().Create(context.Background(), ns, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("create namespace %s: %v", name, err)
@@ -352,8 +351,8 @@ func createSecrets(t *testing.T, ns, prefix string, n int) map[string]map[string
 	for i := range n {
 		name := fmt.Sprintf("%s-%d", prefix, i)
 		data := map[string][]byte{
-			"username": []byte("e2e-user-" + randomHex(t, 8)),
-			"password": []byte("e2e-password-" + randomHex(t, 16)),
+			"username": []byte("e2e-user-" + cluster.RandomHex(8)),
+			"password": []byte("e2e-password-" + cluster.RandomHex(16)),
 		}
 		createSecret(t, ns, name, data)
 		secrets[name] = data
@@ -435,30 +434,4 @@ func apiGet(t *testing.T, path string) (int, string) {
 		t.Fatalf("GET %s: %v", path, err)
 	}
 	return code, body
-}
-
-// waitAPI calls f every 2s until it returns nil, failing t with f's last
-// error after timeout.
-func waitAPI(t *testing.T, timeout time.Duration, what string, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("waiting for %s: gave up after %v: %v", what, timeout, err)
-		}
-		time.Sleep(2 * time.Second)
-	}
-}
-
-func randomHex(t *testing.T, n int) string {
-	t.Helper()
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return fmt.Sprintf("%x", b)
 }

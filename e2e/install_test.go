@@ -90,18 +90,7 @@ func TestInstallOnKubeadmNodes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// A short directory: the plugin sockets live under it.
-	dir, err := os.MkdirTemp("", "kmsi-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("state kept in %s", dir)
-			return
-		}
-		os.RemoveAll(dir)
-	})
+	dir := cluster.TempDir(t, "kmsi-")
 
 	etcd, err := cluster.NewEtcd(etcdBin, dir)
 	if err != nil {
@@ -381,7 +370,7 @@ func (n *installNode) startPlugin(ctx context.Context, t *testing.T, binary stri
 	}
 	probe := c.LivenessProbe.HTTPGet
 	url := fmt.Sprintf("http://%s:%d%s", probe.Host, probe.Port.IntValue(), probe.Path)
-	waitFor(ctx, t, n.name+" plugin liveness "+url, 30*time.Second, func() error {
+	cluster.WaitFor(ctx, t, 30*time.Second, time.Second, n.name+" plugin liveness "+url, func() error {
 		resp, err := http.Get(url)
 		if err != nil {
 			return err
@@ -475,7 +464,7 @@ func (n *installNode) stop(t *testing.T) {
 func (n *installNode) waitForPlaintextWrites(ctx context.Context, t *testing.T, etcdClient *clientv3.Client, ns string, want map[string]map[string][]byte) {
 	t.Helper()
 	name := "probe-" + n.name
-	waitFor(ctx, t, n.name+" writing plaintext after reloading its EncryptionConfiguration", 150*time.Second, func() error {
+	cluster.WaitFor(ctx, t, 150*time.Second, time.Second, n.name+" writing plaintext after reloading its EncryptionConfiguration", func() error {
 		putSecret(ctx, t, n.client, ns, name, want)
 		raw, err := etcdClient.Get(ctx, cluster.SecretKey(ns, name))
 		if err != nil {
@@ -501,7 +490,7 @@ func flagValue(args []string, name string) string {
 // records it in want.
 func putSecret(ctx context.Context, t *testing.T, client kubernetes.Interface, ns, name string, want map[string]map[string][]byte) {
 	t.Helper()
-	data := map[string][]byte{"password": []byte("install-e2e-" + randomHex(t, 12))}
+	data := map[string][]byte{"password": []byte("install-e2e-" + cluster.RandomHex(12))}
 	s, err := client.CoreV1().Secrets(ns).Get(ctx, name, metav1.GetOptions{})
 	if err == nil {
 		s.Data = data
@@ -581,21 +570,5 @@ func rewriteSecrets(ctx context.Context, t *testing.T, client kubernetes.Interfa
 		if _, err := client.CoreV1().Secrets(s.Namespace).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
 			t.Fatalf("rewrite %s/%s: %v", s.Namespace, s.Name, err)
 		}
-	}
-}
-
-// waitFor calls f until it returns nil, for at most timeout.
-func waitFor(ctx context.Context, t *testing.T, what string, timeout time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			t.Fatalf("waiting for %s: %v", what, err)
-		}
-		time.Sleep(time.Second)
 	}
 }

@@ -9,7 +9,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/hex"
 	"encoding/pem"
 	"fmt"
 	"io"
@@ -58,33 +57,39 @@ func NewAPIServer(cfg APIServerConfig) (*APIServer, error) {
 	if err != nil {
 		return nil, err
 	}
-	path := func(name string) string { return filepath.Join(cfg.Dir, name) }
 	a.proc = &Process{
 		Name:    "kube-apiserver",
 		Path:    cfg.Binary,
-		LogPath: path("kube-apiserver.log"),
-		Args: []string{
-			"--etcd-servers=" + cfg.EtcdURL,
-			"--bind-address=127.0.0.1",
-			"--advertise-address=127.0.0.1",
-			fmt.Sprintf("--secure-port=%d", port),
-			"--tls-cert-file=" + path("serving.crt"),
-			"--tls-private-key-file=" + path("serving.key"),
-			"--token-auth-file=" + path("tokens.csv"),
-			"--authorization-mode=RBAC",
-			"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-			"--service-account-key-file=" + path("sa.pub"),
-			"--service-account-signing-key-file=" + path("sa.key"),
-			"--service-cluster-ip-range=10.96.0.0/24",
-			// The advertise address is loopback, which Endpoints may not hold.
-			"--endpoint-reconciler-type=none",
-			"--encryption-provider-config=" + cfg.EncryptionProviderFile,
-			"--encryption-provider-config-automatic-reload=false",
-			"--profiling=false",
-			"--v=2",
-		},
+		LogPath: filepath.Join(cfg.Dir, "kube-apiserver.log"),
+		Args:    apiServerArgs(cfg.Dir, port, []string{"--etcd-servers=" + cfg.EtcdURL}, cfg.EncryptionProviderFile),
 	}
 	return a, nil
+}
+
+// apiServerArgs are the flags of every kube-apiserver the harness starts:
+// etcdFlags, loopback serving on port with the credentials prepare wrote
+// to dir, RBAC, and the EncryptionConfiguration at encryptionConfig.
+func apiServerArgs(dir string, port int, etcdFlags []string, encryptionConfig string) []string {
+	path := func(name string) string { return filepath.Join(dir, name) }
+	return append(etcdFlags,
+		"--bind-address=127.0.0.1",
+		"--advertise-address=127.0.0.1",
+		fmt.Sprintf("--secure-port=%d", port),
+		"--tls-cert-file="+path("serving.crt"),
+		"--tls-private-key-file="+path("serving.key"),
+		"--token-auth-file="+path("tokens.csv"),
+		"--authorization-mode=RBAC",
+		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+		"--service-account-key-file="+path("sa.pub"),
+		"--service-account-signing-key-file="+path("sa.key"),
+		"--service-cluster-ip-range=10.96.0.0/24",
+		// The advertise address is loopback, which Endpoints may not hold.
+		"--endpoint-reconciler-type=none",
+		"--encryption-provider-config="+encryptionConfig,
+		"--encryption-provider-config-automatic-reload=false",
+		"--profiling=false",
+		"--v=2",
+	)
 }
 
 // Process is the kube-apiserver process.
@@ -232,14 +237,6 @@ func serviceAccountKey() (keyPEM, pubPEM []byte, err error) {
 		pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pubDER}), nil
 }
 
-func randomHex(n int) (string, error) {
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(b), nil
-}
-
 // apiServerCreds are what every kube-apiserver of the control plane
 // shares: serving certificate, service-account keys and admin token.
 type apiServerCreds struct {
@@ -256,9 +253,7 @@ func newAPIServerCreds() (*apiServerCreds, error) {
 	if c.saKeyPEM, c.saPubPEM, err = serviceAccountKey(); err != nil {
 		return nil, err
 	}
-	if c.token, err = randomHex(16); err != nil {
-		return nil, err
-	}
+	c.token = RandomHex(16)
 	return &c, nil
 }
 

@@ -67,24 +67,30 @@ func (e *Etcd) Start(ctx context.Context) error {
 		return err
 	}
 	return waitUntil(ctx, e.proc, time.Minute, 100*time.Millisecond, "etcd /health", func(ctx context.Context) (bool, error) {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, e.ClientURL+"/health", nil)
-		if err != nil {
-			return false, err
-		}
-		resp, err := e.http.Do(req)
-		if err != nil {
-			return false, err
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(resp.Body)
-		var health struct {
-			Health string `json:"health"`
-		}
-		if err := json.Unmarshal(body, &health); err != nil {
-			return false, fmt.Errorf("/health: %d %q", resp.StatusCode, body)
-		}
-		return health.Health == "true", fmt.Errorf("/health: %d %q", resp.StatusCode, body)
+		return etcdHealthy(ctx, e.http, e.ClientURL)
 	})
+}
+
+// etcdHealthy asks the etcd member at clientURL for GET /health; an
+// unhealthy answer comes with an error that quotes it.
+func etcdHealthy(ctx context.Context, hc *http.Client, clientURL string) (bool, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, clientURL+"/health", nil)
+	if err != nil {
+		return false, err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return false, err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	var health struct {
+		Health string `json:"health"`
+	}
+	if err := json.Unmarshal(body, &health); err != nil {
+		return false, fmt.Errorf("/health: %d %q", resp.StatusCode, body)
+	}
+	return health.Health == "true", fmt.Errorf("/health: %d %q", resp.StatusCode, body)
 }
 
 // Stop sends SIGTERM and waits.

@@ -2,10 +2,8 @@ package cluster
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -164,23 +162,7 @@ func (e *EtcdCluster) StopMember(i int) error { return e.members[i].Stop() }
 func (e *EtcdCluster) waitHealthy(ctx context.Context, i int) error {
 	m, url := e.members[i], e.ClientURLs[i]
 	return waitUntil(ctx, m, e.timeout, 200*time.Millisecond, m.Name+" /health", func(ctx context.Context) (bool, error) {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url+"/health", nil)
-		if err != nil {
-			return false, err
-		}
-		resp, err := e.http.Do(req)
-		if err != nil {
-			return false, err
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(resp.Body)
-		var health struct {
-			Health string `json:"health"`
-		}
-		if err := json.Unmarshal(body, &health); err != nil {
-			return false, fmt.Errorf("/health: %d %q", resp.StatusCode, body)
-		}
-		return health.Health == "true", fmt.Errorf("/health: %d %q", resp.StatusCode, body)
+		return etcdHealthy(ctx, e.http, url)
 	})
 }
 

@@ -310,34 +310,16 @@ func newHAAPIServer(binary string, n *Node, creds *apiServerCreds, etcd *EtcdClu
 	if err != nil {
 		return nil, err
 	}
-	path := func(name string) string { return filepath.Join(n.Dir, name) }
 	a.proc = &Process{
 		Name:    "kube-apiserver@" + n.Name,
 		Path:    binary,
-		LogPath: path("kube-apiserver.log"),
-		Args: []string{
+		LogPath: filepath.Join(n.Dir, "kube-apiserver.log"),
+		Args: apiServerArgs(n.Dir, port, []string{
 			"--etcd-servers=" + etcd.Endpoints(),
 			"--etcd-cafile=" + etcd.Client.CAFile,
 			"--etcd-certfile=" + etcd.Client.CertFile,
 			"--etcd-keyfile=" + etcd.Client.KeyFile,
-			"--bind-address=127.0.0.1",
-			"--advertise-address=127.0.0.1",
-			fmt.Sprintf("--secure-port=%d", port),
-			"--tls-cert-file=" + path("serving.crt"),
-			"--tls-private-key-file=" + path("serving.key"),
-			"--token-auth-file=" + path("tokens.csv"),
-			"--authorization-mode=RBAC",
-			"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-			"--service-account-key-file=" + path("sa.pub"),
-			"--service-account-signing-key-file=" + path("sa.key"),
-			"--service-cluster-ip-range=10.96.0.0/24",
-			// The advertise address is loopback, which Endpoints may not hold.
-			"--endpoint-reconciler-type=none",
-			"--encryption-provider-config=" + n.EncryptionConfig,
-			"--encryption-provider-config-automatic-reload=false",
-			"--profiling=false",
-			"--v=2",
-		},
+		}, n.EncryptionConfig),
 	}
 	return a, nil
 }

@@ -83,9 +83,7 @@ func StartVault(ctx context.Context, dir, keyName string) (*Vault, error) {
 		_ = v.proc.Stop()
 		return nil, err
 	}
-	if v.secret, err = randomHex(16); err != nil {
-		return nil, err
-	}
+	v.secret = RandomHex(16)
 	v.SecretFile = filepath.Join(dir, "client-secret")
 	if err := os.WriteFile(v.SecretFile, []byte(v.secret+"\n"), 0o600); err != nil {
 		return nil, err

@@ -180,7 +180,7 @@ func (e *env) load(t *testing.T) value.Transformer {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel) // closes the gRPC connection and stops the Status polling
-	cfg, err := encryptionconfig.LoadEncryptionConfig(ctx, e.encConfig, false, "it-apiserver-"+randomHex(t, 4))
+	cfg, err := encryptionconfig.LoadEncryptionConfig(ctx, e.encConfig, false, "it-apiserver-"+cluster.RandomHex(4))
 	if err != nil {
 		t.Fatalf("LoadEncryptionConfig: %v", err)
 	}
@@ -193,7 +193,7 @@ func (e *env) load(t *testing.T) value.Transformer {
 		t.Fatalf("health checks = %q, want [kms-providers]", names)
 	}
 	check := cfg.HealthChecks[0]
-	waitFor(t, 30*time.Second, "the kms-providers health check to pass", func() error {
+	cluster.WaitFor(context.Background(), t, 30*time.Second, 100*time.Millisecond, "the kms-providers health check to pass", func() error {
 		return check.Check(httptest.NewRequestWithContext(ctx, "GET", "/readyz/kms-providers", nil))
 	})
 	tr, ok := cfg.Transformers[schema.GroupResource{Resource: "secrets"}]
@@ -340,30 +340,4 @@ func rotate(t *testing.T, p *cluster.Plugin) cluster.PluginStatus {
 		t.Errorf("/status remoteVersion %q did not change with the key ID", after.RemoteVersion)
 	}
 	return after
-}
-
-// waitFor calls f every 100ms until it returns nil, failing t with f's
-// last error after timeout.
-func waitFor(t *testing.T, timeout time.Duration, what string, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("waiting for %s: gave up after %v: %v", what, timeout, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-func randomHex(t *testing.T, n int) string {
-	t.Helper()
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return fmt.Sprintf("%x", b)
 }

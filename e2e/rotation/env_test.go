@@ -3,8 +3,6 @@ package rotation
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -58,17 +56,8 @@ func (k objKey) String() string { return k.resource + "/" + k.namespace + "/" + 
 func startEnv(t *testing.T, cfg envConfig) *env {
 	t.Helper()
 	ctx := context.Background()
-	dir, err := os.MkdirTemp("", "kmsr-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("state and logs kept in %s", dir)
-			return
-		}
-		os.RemoveAll(dir)
-	})
+	dir := cluster.TempDir(t, "kmsr-")
+	var err error
 	e := &env{dir: dir, want: map[objKey]string{}, rotateLog: filepath.Join(dir, "rotate.log")}
 	start := time.Now()
 	hc := cluster.HAConfig{
@@ -132,7 +121,7 @@ func (e *env) populate(t *testing.T, namespaces []string, nSecrets, nConfigMaps 
 	}
 	values := make([]string, len(keys))
 	err := cluster.Parallel(len(keys), 16, func(i int) error {
-		k, v := keys[i], "v0-"+randomHex(12)
+		k, v := keys[i], "v0-"+cluster.RandomHex(12)
 		client := e.h.Nodes[i%len(e.h.Nodes)].Client
 		meta := metav1.ObjectMeta{Name: k.name, Namespace: k.namespace}
 		var err error
@@ -485,7 +474,7 @@ func (e *env) startWriter(keys []objKey, goroutines int, pause time.Duration) *w
 				case <-time.After(pause):
 				}
 				k := keys[i%len(keys)]
-				v := fmt.Sprintf("w%d-%s", i, randomHex(6))
+				v := fmt.Sprintf("w%d-%s", i, cluster.RandomHex(6))
 				client := e.h.Nodes[i%len(e.h.Nodes)].Client
 				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 				s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: k.name, Namespace: k.namespace}, Data: map[string][]byte{"value": []byte(v)}}
@@ -562,35 +551,10 @@ func (r *reader) stop() (passes int64, errs []error) {
 	return r.passes.Load(), r.errs
 }
 
-func randomHex(n int) string {
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		panic(err)
-	}
-	return hex.EncodeToString(b)
-}
-
 func tail(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-// eventually calls f every interval until it returns nil, failing t with
-// its last error after timeout.
-func eventually(t *testing.T, timeout, interval time.Duration, what string, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("waiting for %s: gave up after %v: %v", what, timeout, err)
-		}
-		time.Sleep(interval)
-	}
 }

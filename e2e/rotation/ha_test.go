@@ -480,7 +480,7 @@ func (e *env) versions(t *testing.T) []string {
 func (e *env) keyIDEventually(t *testing.T, old string) cluster.PluginStatus {
 	t.Helper()
 	var st cluster.PluginStatus
-	eventually(t, 30*time.Second, 200*time.Millisecond, "every plugin on a new key_id", func() error {
+	cluster.WaitFor(context.Background(), t, 30*time.Second, 200*time.Millisecond, "every plugin on a new key_id", func() error {
 		var first string
 		for i, n := range e.h.Nodes {
 			s, err := n.Plugin.Status(context.Background())
