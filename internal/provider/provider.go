@@ -115,3 +115,22 @@ type VersionLister interface {
 	// Versions lists every key version the store knows, current included.
 	Versions(ctx context.Context) ([]VersionInfo, error)
 }
+
+// NodeLocal is a store whose key material lives on each node separately,
+// such as a keyset file: a version that Rotate creates through one node's
+// store does not exist on the other nodes unless the operator shares the
+// material (shared storage, or a copy made by hand). Rotation refuses to
+// rotate such a store on a control plane of several nodes unless told the
+// material is shared. Stores that do not implement NodeLocal, or whose
+// NodeLocal returns false, are shared by every node (a vault, an HSM
+// cluster, Vault transit): a new version is usable everywhere at once.
+type NodeLocal interface {
+	// NodeLocal reports whether the key material is local to this node.
+	NodeLocal() bool
+}
+
+// IsNodeLocal reports whether p's key material is local to each node.
+func IsNodeLocal(p Provider) bool {
+	nl, ok := p.(NodeLocal)
+	return ok && nl.NodeLocal()
+}

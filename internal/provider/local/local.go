@@ -112,6 +112,11 @@ func New(cfg Config) (*Provider, error) {
 // Name implements provider.Provider.
 func (p *Provider) Name() string { return Name }
 
+// NodeLocal implements provider.NodeLocal: the keyset file is this node's
+// own, so a key added here exists on no other node unless the file is
+// shared.
+func (p *Provider) NodeLocal() bool { return true }
+
 // Path returns the keyset file path.
 func (p *Provider) Path() string { return p.path }
 
