@@ -78,8 +78,26 @@ type Config struct {
 	KEKMaxUses uint64
 	// CacheSize bounds the number of unwrapped local KEKs kept. Default 10000.
 	CacheSize int
-	// RemoteTimeout bounds each call to the provider. Default 10 s.
+	// RemoteTimeout bounds each call to the provider. Default 10 s. The
+	// unwrap a Decrypt starts runs on its own deadline of this length, so a
+	// caller that gives up does not cancel it for the others waiting on it.
 	RemoteTimeout time.Duration
+	// NegativeCacheTTL is how long a refused unwrap (unknown, disabled or
+	// refused key version; a wrapped key that does not authenticate) is
+	// remembered, by the hash of its wrapped local KEK, so that replaying
+	// it costs the key store nothing. An unreachable store is never
+	// remembered. Default 30 s.
+	NegativeCacheTTL time.Duration
+	// NegativeCacheSize bounds the refused unwraps remembered. Default 4096.
+	NegativeCacheSize int
+	// MaxConcurrentUnwraps bounds remote unwraps in flight. Default 8.
+	MaxConcurrentUnwraps int
+	// UnwrapRate and UnwrapBurst bound remote unwraps per second (a token
+	// bucket). A cache miss that cannot get a token before its deadline
+	// fails with ErrUnwrapThrottled. Defaults 20/s and 40. Cache hits are
+	// never limited.
+	UnwrapRate  float64
+	UnwrapBurst int
 	// Now returns the current time. Default time.Now.
 	Now func() time.Time
 	// Rand is the source of keys and nonces. Default crypto/rand.Reader.
@@ -101,9 +119,11 @@ type Service struct {
 	rotate  sync.Mutex // serializes making new local KEKs
 	cache   *kekCache
 	flights flights
+	guard   *unwrapGuard
 	health  atomic.Pointer[health]
 
-	cacheHits, cacheMisses, unwraps, keksCreated atomic.Uint64
+	cacheHits, cacheMisses, unwraps, keksCreated   atomic.Uint64
+	negativeHits, unwrapFailures, unwrapsThrottled atomic.Uint64
 }
 
 var _ kmsservice.Service = (*Service)(nil)
@@ -149,6 +169,21 @@ func New(cfg Config) (*Service, error) {
 	if cfg.RemoteTimeout <= 0 {
 		cfg.RemoteTimeout = DefaultRemoteTimeout
 	}
+	if cfg.NegativeCacheTTL <= 0 {
+		cfg.NegativeCacheTTL = DefaultNegativeCacheTTL
+	}
+	if cfg.NegativeCacheSize <= 0 {
+		cfg.NegativeCacheSize = DefaultNegativeCacheSize
+	}
+	if cfg.MaxConcurrentUnwraps <= 0 {
+		cfg.MaxConcurrentUnwraps = DefaultMaxConcurrentUnwraps
+	}
+	if cfg.UnwrapRate <= 0 {
+		cfg.UnwrapRate = DefaultUnwrapRate
+	}
+	if cfg.UnwrapBurst <= 0 {
+		cfg.UnwrapBurst = DefaultUnwrapBurst
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -163,6 +198,7 @@ func New(cfg Config) (*Service, error) {
 		provider: cfg.Provider,
 		log:      cfg.Logger,
 		cache:    newKEKCache(cfg.CacheSize),
+		guard:    newUnwrapGuard(cfg),
 	}
 	s.health.Store(&health{})
 	return s, nil
@@ -374,6 +410,10 @@ func (s *Service) Decrypt(ctx context.Context, uid string, req *kmsservice.Decry
 		if req.KeyID != DeriveKeyID(s.provider.Name(), remoteVersion) {
 			return nil, errKeyIDMismatch
 		}
+		if err, ok := s.guard.neg.get(ref, s.cfg.Now()); ok {
+			s.negativeHits.Add(1)
+			return nil, err
+		}
 		if e, err = s.lookup(ctx, ref, provider.WrappedKey{Version: remoteVersion, Ciphertext: wrapped}); err != nil {
 			return nil, err
 		}
@@ -439,7 +479,19 @@ func (s *Service) lookup(ctx context.Context, ref [32]byte, w provider.WrappedKe
 	s.cacheMisses.Add(1)
 	fl, leader := s.flights.start(ref)
 	if leader {
+		// Admission waits on the caller's deadline (at most RemoteTimeout),
+		// so a flood of misses fails fast instead of queueing goroutines.
+		actx, cancel := context.WithTimeout(ctx, s.cfg.RemoteTimeout)
+		release, err := s.guard.acquire(actx)
+		cancel()
+		if err != nil {
+			s.unwrapsThrottled.Add(1)
+			err = fmt.Errorf("unwrap local KEK: %w", err)
+			s.flights.finish(ref, fl, nil, err)
+			return nil, err
+		}
 		go func() {
+			defer release()
 			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.RemoteTimeout)
 			defer cancel()
 			e, err := s.unwrap(rctx, ref, w)
@@ -454,19 +506,32 @@ func (s *Service) lookup(ctx context.Context, ref [32]byte, w provider.WrappedKe
 	}
 }
 
+// unwrap asks the provider for the local KEK of ref, within the slot lookup
+// acquired. Only a successful unwrap enters the cache; a refusal enters the
+// negative cache.
 func (s *Service) unwrap(ctx context.Context, ref [32]byte, w provider.WrappedKey) (*cacheEntry, error) {
 	if e, ok := s.cache.get(ref); ok { // filled while this flight was starting
 		return e, nil
 	}
+	if err, ok := s.guard.neg.get(ref, s.cfg.Now()); ok { // refused while this flight was starting
+		s.negativeHits.Add(1)
+		return nil, err
+	}
 	s.unwraps.Add(1)
 	key, err := s.provider.Unwrap(ctx, w)
+	if err == nil && len(key) != localKEKSize {
+		clear(key)
+		err = fmt.Errorf("%w: unwrapped local KEK has %d bytes, want %d", ErrInvalidInput, len(key), localKEKSize)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("unwrap local KEK: %w", err)
+		s.unwrapFailures.Add(1)
+		err = fmt.Errorf("unwrap local KEK: %w", err)
+		if negativeCacheable(err) {
+			s.guard.neg.add(ref, err, s.cfg.Now())
+		}
+		return nil, err
 	}
 	defer clear(key)
-	if len(key) != localKEKSize {
-		return nil, fmt.Errorf("%w: unwrapped local KEK has %d bytes, want %d", ErrInvalidInput, len(key), localKEKSize)
-	}
 	aead, err := newAEAD(key)
 	if err != nil {
 		return nil, err
@@ -505,6 +570,13 @@ type Stats struct {
 	CacheHits      uint64
 	CacheMisses    uint64
 	ProviderUnwrap uint64
+	// UnwrapFailures counts remote unwraps that failed; NegativeHits the
+	// Decrypts answered from the negative cache without a remote call;
+	// UnwrapsThrottled the cache misses refused by the unwrap limits.
+	UnwrapFailures   uint64
+	NegativeHits     uint64
+	UnwrapsThrottled uint64
+	NegativeEntries  int
 }
 
 // Stats returns a snapshot. Ready means a local KEK exists, the last poll of
@@ -523,6 +595,11 @@ func (s *Service) Stats() Stats {
 		CacheHits:      s.cacheHits.Load(),
 		CacheMisses:    s.cacheMisses.Load(),
 		ProviderUnwrap: s.unwraps.Load(),
+
+		UnwrapFailures:   s.unwrapFailures.Load(),
+		NegativeHits:     s.negativeHits.Load(),
+		UnwrapsThrottled: s.unwrapsThrottled.Load(),
+		NegativeEntries:  s.guard.neg.len(),
 	}
 	if h.err != nil {
 		st.LastError = h.err.Error()

@@ -168,10 +168,14 @@ var (
 		"1 when the key store answered the last poll and the state is fresh.", nil, nil)
 	descLastSuccess = prometheus.NewDesc(namespace+"_provider_last_success_timestamp_seconds",
 		"Unix time of the last successful key store poll.", nil, nil)
+	descUnwrapsAvoided = prometheus.NewDesc(namespace+"_decrypt_unwraps_avoided_total",
+		"Decrypt cache misses answered without a remote unwrap, by reason: negative_cache (the same wrapped KEK was refused moments ago) or throttled (the unwrap rate or concurrency limit was reached).", []string{"reason"}, nil)
+	descNegativeEntries = prometheus.NewDesc(namespace+"_negative_cache_entries",
+		"Refused wrapped local KEKs remembered.", nil, nil)
 )
 
 func (c *statsCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descCache, descCacheEntries, descKEKs, descKEKUses, descKeyID, descReady, descLastSuccess} {
+	for _, d := range []*prometheus.Desc{descCache, descCacheEntries, descKEKs, descKEKUses, descKeyID, descReady, descLastSuccess, descUnwrapsAvoided, descNegativeEntries} {
 		ch <- d
 	}
 }
@@ -183,6 +187,9 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descCacheEntries, prometheus.GaugeValue, float64(st.CacheEntries))
 	ch <- prometheus.MustNewConstMetric(descKEKs, prometheus.CounterValue, float64(st.LocalKEKs))
 	ch <- prometheus.MustNewConstMetric(descKEKUses, prometheus.GaugeValue, float64(st.LocalKEKUses))
+	ch <- prometheus.MustNewConstMetric(descUnwrapsAvoided, prometheus.CounterValue, float64(st.NegativeHits), "negative_cache")
+	ch <- prometheus.MustNewConstMetric(descUnwrapsAvoided, prometheus.CounterValue, float64(st.UnwrapsThrottled), "throttled")
+	ch <- prometheus.MustNewConstMetric(descNegativeEntries, prometheus.GaugeValue, float64(st.NegativeEntries))
 	if st.KeyID != "" {
 		ch <- prometheus.MustNewConstMetric(descKeyID, prometheus.GaugeValue, 1, st.Provider, envelope.KeyIDHash(st.KeyID))
 	}

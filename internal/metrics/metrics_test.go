@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	kmsservice "k8s.io/kms/pkg/service"
 
 	"github.com/kms-plugin/kms-plugin/internal/envelope"
 	"github.com/kms-plugin/kms-plugin/internal/provider"
@@ -110,5 +111,47 @@ kms_plugin_key_id_info{key_id_hash=%q,provider="local"} 1
 				}
 			}
 		}
+	}
+}
+
+func TestUnwrapsAvoidedMetrics(t *testing.T) {
+	ctx := context.Background()
+	lp, err := local.New(local.Config{Path: filepath.Join(t.TempDir(), "k.json"), Create: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	writer, _ := envelope.New(envelope.Config{Provider: lp})
+	if err := writer.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := writer.Encrypt(ctx, "uid", make([]byte, 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	faulty := providertest.NewFaulty(lp)
+	faulty.SetError(fmt.Errorf("revoked: %w", provider.ErrKeyDisabled))
+	reg := prometheus.NewRegistry()
+	var reader *envelope.Service
+	if _, err := New(reg, func() envelope.Stats { return reader.Stats() }); err != nil {
+		t.Fatal(err)
+	}
+	reader, _ = envelope.New(envelope.Config{Provider: faulty})
+	for range 3 {
+		req := &kmsservice.DecryptRequest{Ciphertext: resp.Ciphertext, KeyID: resp.KeyID, Annotations: resp.Annotations}
+		if _, err := reader.Decrypt(ctx, "uid", req); !errors.Is(err, provider.ErrKeyDisabled) {
+			t.Fatalf("Decrypt = %v; want ErrKeyDisabled", err)
+		}
+	}
+	want := `
+# HELP kms_plugin_decrypt_unwraps_avoided_total Decrypt cache misses answered without a remote unwrap, by reason: negative_cache (the same wrapped KEK was refused moments ago) or throttled (the unwrap rate or concurrency limit was reached).
+# TYPE kms_plugin_decrypt_unwraps_avoided_total counter
+kms_plugin_decrypt_unwraps_avoided_total{reason="negative_cache"} 2
+kms_plugin_decrypt_unwraps_avoided_total{reason="throttled"} 0
+# HELP kms_plugin_negative_cache_entries Refused wrapped local KEKs remembered.
+# TYPE kms_plugin_negative_cache_entries gauge
+kms_plugin_negative_cache_entries 1
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "kms_plugin_decrypt_unwraps_avoided_total", "kms_plugin_negative_cache_entries"); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -57,14 +57,21 @@ type Config struct {
 	Logger *zap.Logger
 	// ShutdownTimeout bounds the drain of in-flight calls. Default 10 s.
 	ShutdownTimeout time.Duration
+	// FailureLogInterval is how often failed requests of one cause (method
+	// and code) are logged at most; the next line carries the count of
+	// those held back. Default 10 s. Metrics count every request.
+	FailureLogInterval time.Duration
+	// Now is the clock of the failure log. Default time.Now.
+	Now func() time.Time
 }
 
 // Server is the KMS v2 gRPC server on a Unix socket.
 type Server struct {
-	cfg  Config
-	log  *zap.Logger
-	grpc *grpc.Server
-	lis  net.Listener
+	cfg      Config
+	log      *zap.Logger
+	failures *failureLog
+	grpc     *grpc.Server
+	lis      net.Listener
 }
 
 // New returns a Server. It opens nothing: call Listen, then Serve.
@@ -81,7 +88,13 @@ func New(cfg Config) (*Server, error) {
 	if cfg.ShutdownTimeout <= 0 {
 		cfg.ShutdownTimeout = 10 * time.Second
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger}
+	if cfg.FailureLogInterval <= 0 {
+		cfg.FailureLogInterval = DefaultFailureLogInterval
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, failures: newFailureLog(cfg.FailureLogInterval, cfg.Now)}
 	s.grpc = grpc.NewServer(
 		grpc.MaxRecvMsgSize(maxRecvMsgSize),
 		grpc.ChainUnaryInterceptor(s.observe, s.recover),
@@ -213,8 +226,9 @@ func (s *Server) recover(ctx context.Context, req any, info *grpc.UnaryServerInf
 	return handler(ctx, req)
 }
 
-// observe records metrics and logs every request with its uid. Successful
-// requests log at debug level, failures at warn (client errors) or error.
+// observe records metrics and logs requests with their uid. Successful
+// requests log at debug level, failures at warn (client errors) or error,
+// rate-limited per cause (see failureLog).
 func (s *Server) observe(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
 	resp, err := handler(ctx, req)
@@ -236,13 +250,23 @@ func (s *Server) observe(ctx context.Context, req any, info *grpc.UnaryServerInf
 	if ce == nil {
 		return resp, err
 	}
-	fields := make([]zap.Field, 0, 5)
+	var suppressed uint64
+	if code != codes.OK {
+		var ok bool
+		if ok, suppressed = s.failures.admit(method + "/" + code.String()); !ok {
+			return resp, err
+		}
+	}
+	fields := make([]zap.Field, 0, 6)
 	fields = append(fields, zap.String("method", method), zap.String("code", code.String()), zap.Duration("duration", d))
 	if r, ok := req.(interface{ GetUid() string }); ok && r.GetUid() != "" {
 		fields = append(fields, zap.String("uid", r.GetUid()))
 	}
 	if err != nil {
 		fields = append(fields, zap.String("error", status.Convert(err).Message()))
+	}
+	if suppressed > 0 {
+		fields = append(fields, zap.Uint64("similarSinceLastLine", suppressed))
 	}
 	ce.Write(fields...)
 	return resp, err
