@@ -25,7 +25,8 @@ build:
 run: build
 	$(BIN) serve --log-format console
 
-# Everything CI runs: formatting, vet, unit tests with -race (fuzz seed
+# Everything CI runs: formatting, vet, the import direction check
+# (hack/importcheck/allow.txt), unit tests with -race (fuzz seed
 # corpora included), then the integration and e2e tests on real etcd and
 # real kube-apiserver.
 test: lint unit e2e
@@ -46,7 +47,7 @@ e2e: build e2e-tools
 
 bench: build
 	$(GO) run ./bench -out bench/results/latest.md
-	$(GO) run ./internal/provider/azurekv/kvbench -out bench/results/azure.md
+	$(GO) run ./bench/azure -out bench/results/azure.md
 	bash e2e/tools/build.sh
 	cd e2e && KMS_PLUGIN_BIN=$(BIN) KUBE_APISERVER_BIN=$(CACHE)/kube-apiserver-v1.37.2 \
 		ETCD_BIN=$(CACHE)/etcd-v3.6.16 KUBECTL_BIN=$(CACHE)/kubectl-v1.37.2 \
@@ -67,6 +68,7 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 		if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) run ./hack/importcheck -go $(GO)
 	cd e2e && $(GO) vet ./...
 
 image:

@@ -146,7 +146,7 @@ func (r *report) markdown() string {
 		o := r.Opts
 		p("## 1. Warm ops: transport floor vs plugin\n\n")
 		p("Sequential calls from one client connection per target: %s per op and target after %s warm-up, switching target every %d calls (and which goes first every round) to cancel drift. ", thousands(int64(o.N)), thousands(int64(o.Warmup)), o.Round)
-		p("Floor: a no-op KMS v2 service on a plain `grpc.Server` with fixed answers. Plugin: `envelope.Service` over the local provider behind `internal/server`, wired as `kms-plugin serve` wires it (metrics observer, warn-level logger, poll loop), warm after Refresh and one Encrypt/Decrypt.\n\n")
+		p("Floor: a no-op KMS v2 service on a plain `grpc.Server` with fixed answers. Plugin: `envelope.Service` over the local provider behind `internal/server`, assembled by `internal/plugin` as `kms-plugin serve` runs it (metrics observer and provider decorator, warn-level logger, poll loop; no admin HTTP), warm after Refresh and one Encrypt/Decrypt.\n\n")
 		p("Encrypt response sizes: floor ciphertext %d B, key_id %d B, annotations %d B; plugin %d B, %d B, %d B. Encrypt sends a 32-byte seed; Decrypt sends that target's own warm ciphertext, key_id and annotations.\n\n",
 			r.FloorSizes.Ciphertext, r.FloorSizes.KeyID, r.FloorSizes.Annotations, r.PluginSizes.Ciphertext, r.PluginSizes.KeyID, r.PluginSizes.Annotations)
 		p("| op | floor p50 µs | floor p90 µs | floor p99 µs | plugin p50 µs | plugin p90 µs | plugin p99 µs | ratio p50 | ratio p99 | goal | result | errors |\n")

@@ -13,16 +13,14 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	kmsapi "k8s.io/kms/apis/v2"
 	kmsservice "k8s.io/kms/pkg/service"
 
-	"github.com/kms-plugin/kms-plugin/internal/envelope"
 	"github.com/kms-plugin/kms-plugin/internal/logging"
-	"github.com/kms-plugin/kms-plugin/internal/metrics"
+	"github.com/kms-plugin/kms-plugin/internal/plugin"
 	"github.com/kms-plugin/kms-plugin/internal/provider/local"
 	"github.com/kms-plugin/kms-plugin/internal/server"
 )
@@ -177,10 +175,11 @@ func runChild(kind string, args []string) error {
 	return stop()
 }
 
-// servePlugin serves the real plugin wired as `kms-plugin serve` wires it
-// (local provider behind the metrics decorator, envelope.Service, the
-// internal/server interceptors with a metrics observer, a warn-level logger,
-// the poll loop running), after a first Refresh.
+// servePlugin serves the plugin as `kms-plugin serve` assembles it
+// (internal/plugin: the local provider behind the metrics decorator,
+// envelope.Service, internal/server with its metrics observer, the poll
+// loop, a first Refresh before the socket opens) with a warn-level JSON
+// logger and no admin HTTP server, and returns once the socket is open.
 func servePlugin(socket, keyset string, logTo io.Writer) (func() error, error) {
 	store, err := local.New(local.Config{Path: keyset, Create: true})
 	if err != nil {
@@ -190,34 +189,31 @@ func servePlugin(socket, keyset string, logTo io.Writer) (func() error, error) {
 	if err != nil {
 		return nil, err
 	}
-	reg := prometheus.NewRegistry()
-	var svc *envelope.Service
-	m, err := metrics.New(reg, func() envelope.Stats { return svc.Stats() })
-	if err != nil {
-		return nil, err
-	}
-	svc, err = envelope.New(envelope.Config{Provider: m.InstrumentProvider(store), Logger: log.Named("envelope")})
+	p, err := plugin.New(plugin.Config{
+		Provider:        store,
+		Endpoint:        "unix://" + socket,
+		ShutdownTimeout: 5 * time.Second,
+		Version:         "bench",
+		Logger:          log,
+	})
 	if err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	if err := svc.Refresh(ctx); err != nil {
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	select {
+	case <-p.Ready():
+	case err := <-done:
 		cancel()
-		return nil, err
-	}
-	runDone := make(chan struct{})
-	go func() { _ = svc.Run(ctx); close(runDone) }()
-	stopServer, err := serveService(socket, svc, m, log.Named("grpc"))
-	if err != nil {
-		cancel()
-		<-runDone
+		if err == nil {
+			err = errors.New("plugin stopped before its socket opened")
+		}
 		return nil, err
 	}
 	return func() error {
-		err := stopServer()
 		cancel()
-		<-runDone
-		return err
+		return <-done
 	}, nil
 }
 

@@ -12,6 +12,8 @@ import (
 
 	"github.com/kms-plugin/kms-plugin/internal/config"
 	"github.com/kms-plugin/kms-plugin/internal/install"
+	"github.com/kms-plugin/kms-plugin/internal/provider/local"
+	"github.com/kms-plugin/kms-plugin/internal/provider/registry"
 )
 
 // The examples are checked against what `kms-plugin install` writes with
@@ -58,7 +60,7 @@ func strict(t *testing.T, name string, into any) {
 // wantAPIServer is what install gives kube-apiserver, as kubeadm fields.
 func wantAPIServer(t *testing.T) apiServer {
 	t.Helper()
-	cfg, err := config.Load("config.yaml")
+	cfg, err := config.Load("config.yaml", registry.Builtin().Default())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,20 +147,20 @@ func checkPluginFiles(t *testing.T, files []file) {
 	if !ok {
 		t.Fatalf("no file at %s", p.PluginConfig)
 	}
-	cfg := config.Default()
+	cfg := registry.Builtin().Default()
 	if err := config.Parse([]byte(cf.Content), &cfg); err != nil {
 		t.Fatal(err)
 	}
-	if err := cfg.Validate(); err != nil {
+	if err := registry.Builtin().Validate(cfg); err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Endpoint != config.ProductionEndpoint || cfg.Local.KeysetPath != config.ProductionKeysetPath {
-		t.Errorf("plugin config uses %s and %s; want the production paths", cfg.Endpoint, cfg.Local.KeysetPath)
+	if cfg.Endpoint != config.ProductionEndpoint || keysetPath(t, cfg) != config.ProductionKeysetPath {
+		t.Errorf("plugin config uses %s and %s; want the production paths", cfg.Endpoint, keysetPath(t, cfg))
 	}
 	if cf.Permissions != "0600" || cf.Owner != "root:root" {
 		t.Errorf("plugin config is %s %s; want root:root 0600", cf.Owner, cf.Permissions)
 	}
-	if ks, ok := byPath[cfg.Local.KeysetPath]; ok && (ks.Permissions != "0600" || ks.Owner != "root:root") {
+	if ks, ok := byPath[keysetPath(t, cfg)]; ok && (ks.Permissions != "0600" || ks.Owner != "root:root") {
 		t.Errorf("keyset is %s %s; want root:root 0600", ks.Owner, ks.Permissions)
 	}
 }
@@ -275,4 +277,18 @@ func TestStaticPodIsWhatInstallWrites(t *testing.T) {
 	if !reflect.DeepEqual(gotEC, wantEC) {
 		t.Errorf("install's EncryptionConfiguration differs from encryption-config.yaml:\n%s", written[p.EncryptionConfig])
 	}
+}
+
+// keysetPath returns the local provider's keyset path that cfg configures.
+func keysetPath(t *testing.T, cfg config.Config) string {
+	t.Helper()
+	_, s, err := registry.Builtin().Settings(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, ok := s.(*local.Settings)
+	if !ok {
+		t.Fatalf("config uses provider %s, not the local one", cfg.Provider)
+	}
+	return ls.KeysetPath
 }

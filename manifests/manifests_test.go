@@ -10,6 +10,8 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/kms-plugin/kms-plugin/internal/config"
+	"github.com/kms-plugin/kms-plugin/internal/provider/local"
+	"github.com/kms-plugin/kms-plugin/internal/provider/registry"
 )
 
 func readYAML(t *testing.T, name string, into any) {
@@ -24,15 +26,15 @@ func readYAML(t *testing.T, name string, into any) {
 }
 
 func TestConfigIsValid(t *testing.T) {
-	cfg, err := config.Load("config.yaml")
+	cfg, err := config.Load("config.yaml", registry.Builtin().Default())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := cfg.Validate(); err != nil {
+	if err := registry.Builtin().Validate(cfg); err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Endpoint != config.ProductionEndpoint || cfg.Local.KeysetPath != config.ProductionKeysetPath {
-		t.Fatalf("config.yaml uses %s and %s; want the production paths", cfg.Endpoint, cfg.Local.KeysetPath)
+	if cfg.Endpoint != config.ProductionEndpoint || keysetPath(t, cfg) != config.ProductionKeysetPath {
+		t.Fatalf("config.yaml uses %s and %s; want the production paths", cfg.Endpoint, keysetPath(t, cfg))
 	}
 }
 
@@ -99,7 +101,7 @@ func TestStaticPodMountsWhatTheConfigUses(t *testing.T) {
 	if c.LivenessProbe.HTTPGet.Path != "/livez" || c.LivenessProbe.HTTPGet.Port != 8787 {
 		t.Fatalf("liveness probe = %+v; want /livez on 8787", c.LivenessProbe)
 	}
-	cfg, err := config.Load("config.yaml")
+	cfg, err := config.Load("config.yaml", registry.Builtin().Default())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,7 +109,7 @@ func TestStaticPodMountsWhatTheConfigUses(t *testing.T) {
 		t.Fatalf("config httpAddr %s does not match the probe port", cfg.HTTPAddr)
 	}
 	sock, _ := config.SocketPath(cfg.Endpoint)
-	for _, path := range []string{sock, cfg.Local.KeysetPath, "/etc/kubernetes/kms-plugin/config.yaml"} {
+	for _, path := range []string{sock, keysetPath(t, cfg), "/etc/kubernetes/kms-plugin/config.yaml"} {
 		mounted := false
 		for _, m := range c.VolumeMounts {
 			if strings.HasPrefix(path, m.MountPath+"/") {
@@ -134,4 +136,18 @@ func TestSystemdUnit(t *testing.T) {
 			t.Errorf("unit lacks %q", want)
 		}
 	}
+}
+
+// keysetPath returns the local provider's keyset path that cfg configures.
+func keysetPath(t *testing.T, cfg config.Config) string {
+	t.Helper()
+	_, s, err := registry.Builtin().Settings(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, ok := s.(*local.Settings)
+	if !ok {
+		t.Fatalf("config uses provider %s, not the local one", cfg.Provider)
+	}
+	return ls.KeysetPath
 }

@@ -24,14 +24,27 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"syscall"
 )
 
 // version is set at build time with -ldflags "-X main.version=v1.2.3".
 var version = "dev"
 
-// errUsage marks errors already explained by a usage message.
+// errUsage marks a command-line mistake already explained on stderr: run
+// makes it exit code 2 (exitUsage).
 var errUsage = errors.New("usage")
+
+// Exit codes: 0 success (and help asked for), 1 failure, 2 a command-line
+// mistake (unknown command, unknown flag or bad flag value, stray or missing
+// argument). rotate also exits 2 when another run holds its Lease.
+const exitUsage = 2
+
+// helpRequest is what parseFlags returns for -h or --help: run prints the
+// command's usage to stdout and returns nil.
+type helpRequest struct{ fs *flag.FlagSet }
+
+func (*helpRequest) Error() string { return "help requested" }
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -58,14 +71,34 @@ Commands:
   status    each plugin's health and key_id, the rotation in progress, the last one
   version   print version information
 
-Run 'kms-plugin COMMAND -h' for a command's flags.
+Run 'kms-plugin help COMMAND' (or 'kms-plugin COMMAND -h') for a command's flags.
 `
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
-		return errUsage
+		return &exitError{code: exitUsage, err: errUsage}
 	}
+	if args[0] == "help" && len(args) > 1 {
+		// help COMMAND [SUBCOMMAND] is COMMAND [SUBCOMMAND] -h.
+		args = append(slices.Clone(args[1:]), "-h")
+	}
+	err := dispatch(ctx, args, stdout, stderr)
+	var help *helpRequest
+	var ee *exitError
+	switch {
+	case errors.As(err, &help):
+		help.fs.SetOutput(stdout)
+		help.fs.Usage()
+		return nil
+	case errors.Is(err, errUsage) && !errors.As(err, &ee):
+		return &exitError{code: exitUsage, err: err}
+	}
+	return err
+}
+
+// dispatch runs the command args[0].
+func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	switch args[0] {
 	case "serve":
 		return runServe(ctx, args[1:], stdout, stderr)
@@ -84,15 +117,27 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "status":
 		return runStatus(ctx, args[1:], stdout, stderr)
 	case "version", "--version":
-		fmt.Fprintln(stdout, versionString())
-		return nil
-	case "help", "-h", "--help":
+		return runVersion(args[1:], stdout, stderr)
+	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
 	default:
-		fmt.Fprintf(stderr, "kms-plugin: unknown command %q\n\n%s", args[0], usage)
+		fmt.Fprintf(stderr, "kms-plugin: unknown command %q (run 'kms-plugin help' for the list)\n", args[0])
 		return errUsage
 	}
+}
+
+func runVersion(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("kms-plugin version", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), "Usage: kms-plugin version\n\nPrints the version, the commit, the Go version and the platform.\n")
+	}
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, versionString())
+	return nil
 }
 
 func versionString() string {
@@ -107,17 +152,23 @@ func versionString() string {
 	return fmt.Sprintf("kms-plugin %s (commit %s, %s, %s/%s, KMS API v2)", version, commit, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }
 
-// parseFlags parses args, printing usage on -h and flag errors.
+// parseFlags parses a command's flags. For -h or --help it returns a
+// *helpRequest (run prints the usage to stdout and exits 0). For an unknown
+// flag, a bad value or a stray argument it prints one line naming it, with a
+// hint to run -h, and returns errUsage (exit code 2).
 func parseFlags(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return errUsage
-		}
-		return errUsage
+	out := fs.Output()
+	fs.SetOutput(io.Discard) // flag prints the whole usage with every error
+	err := fs.Parse(args)
+	fs.SetOutput(out)
+	if errors.Is(err, flag.ErrHelp) {
+		return &helpRequest{fs: fs}
 	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(fs.Output(), "unexpected arguments: %q\n", fs.Args())
-		fs.Usage()
+	if err == nil && fs.NArg() > 0 {
+		err = fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	if err != nil {
+		fmt.Fprintf(out, "%s: %v (run '%s -h' for usage)\n", fs.Name(), err, fs.Name())
 		return errUsage
 	}
 	return nil

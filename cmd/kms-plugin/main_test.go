@@ -43,7 +43,7 @@ func TestCommands(t *testing.T) {
 		{"bad flag", []string{"serve", "--no-such-flag"}, true, "flag provided but not defined"},
 		{"missing config", []string{"serve", "--config", "/nonexistent/kms.yaml"}, true, "read config"},
 		{"keyset no sub", []string{"keyset"}, true, "Subcommands"},
-		{"keyset unknown sub", []string{"keyset", "melt", "--local-keyset", "/nonexistent"}, true, "no such file"},
+		{"keyset unknown sub", []string{"keyset", "melt", "--local-keyset", "/nonexistent"}, true, `unknown subcommand "melt"`},
 		{"retire without version", []string{"keyset", "retire"}, true, "missing VERSION"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {

@@ -22,15 +22,9 @@ import (
 	"github.com/kms-plugin/kms-plugin/internal/etcdscan"
 	"github.com/kms-plugin/kms-plugin/internal/logging"
 	"github.com/kms-plugin/kms-plugin/internal/provider"
-	"github.com/kms-plugin/kms-plugin/internal/provider/local"
+	"github.com/kms-plugin/kms-plugin/internal/provider/registry"
 	"github.com/kms-plugin/kms-plugin/internal/rotation"
 )
-
-// CrashEnv is the test hook of `kms-plugin rotate`: STAGE, or reencrypt:N.
-const CrashEnv = "KMS_PLUGIN_ROTATE_CRASH_AFTER"
-
-// crashExitCode is the exit code of the crash hook, as for SIGKILL.
-const crashExitCode = 137
 
 // leaseHeldExitCode is rotate's exit code when another run holds the Lease.
 const leaseHeldExitCode = 2
@@ -92,7 +86,7 @@ func rotateMain(ctx context.Context, args []string, stdout, stderr io.Writer, de
 	fs := flag.NewFlagSet("kms-plugin rotate", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprint(stderr, `Usage: kms-plugin rotate [FLAGS]
+		fmt.Fprint(fs.Output(), `Usage: kms-plugin rotate [FLAGS]
 
 Rotates the key that protects etcd, end to end: preflight (every plugin
 healthy and on the same key), rotate (a new key version in the key store),
@@ -103,7 +97,8 @@ kept in the ConfigMap NAME-state and a Lease keeps two runs apart; a run
 that stops resumes at the next run.
 
 Exit codes: 0 rotation completed or not due; 1 failure (keys intact; the
-next run resumes); 2 another run holds the Lease.
+next run resumes); 2 another run holds the Lease, or a bad flag or
+argument.
 
 Test hook: `+CrashEnv+`=STAGE (or reencrypt:N) exits with 137 right after
 STAGE completed (after N objects were rewritten).
@@ -151,9 +146,9 @@ Flags:
 		return err
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush
-	crashAfter, err := rotation.ParseCrashPoint(os.Getenv(CrashEnv))
+	hooks, err := crashHooks(os.Getenv(CrashEnv), deps.crash, log.Named("rotate"))
 	if err != nil {
-		return fmt.Errorf("%s: %w", CrashEnv, err)
+		return err
 	}
 	resources, err := res.list()
 	if err != nil {
@@ -176,7 +171,7 @@ Flags:
 		progressInterval = time.Hour // the bar replaces the log lines
 	}
 
-	store, err := rotationProvider(cfg)
+	store, err := rotationProvider(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -209,7 +204,7 @@ Flags:
 		DryRun: *dryRun, Wait: *wait, Migration: rotation.Migration(*migration), SVMStartTimeout: *svmStart,
 		LocalKeysetShared: *shared, LeaseDuration: *leaseDuration, PollInterval: *pollInterval,
 		Logger: log.Named("rotate"), Progress: progressOut, ProgressInterval: progressInterval,
-		CrashAfter: crashAfter, Crash: deps.crash,
+		Hooks: hooks,
 	})
 	if err == nil && reg != nil {
 		err = r.RegisterMetrics(reg)
@@ -250,22 +245,14 @@ func serveMetrics(addr string, reg *prometheus.Registry) (stop func(), err error
 }
 
 // rotationProvider builds the key store from the plugin's configuration.
-// Unlike serve, it never creates a local keyset: rotate must change the one
-// the plugin uses.
-func rotationProvider(cfg config.Config) (provider.Provider, error) {
-	switch cfg.Provider {
-	case config.ProviderLocal:
-		p, err := local.New(local.Config{Path: cfg.Local.KeysetPath})
-		if err != nil {
-			return nil, fmt.Errorf("%w (rotate changes the plugin's keyset: give it the plugin's --config or --local-keyset)", err)
-		}
-		return p, nil
-	case config.ProviderAzureKeyVault:
-		p, _, err := newAzureProvider(cfg.Azure, nil)
-		return p, err
-	default:
-		return nil, fmt.Errorf("provider: unknown provider %q", cfg.Provider)
+// Unlike serve, it never creates key material: rotate must change the
+// material the plugin uses.
+func rotationProvider(ctx context.Context, cfg config.Config) (provider.Provider, error) {
+	p, err := registry.Builtin().Open(ctx, cfg, provider.OpenOptions{})
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w (rotate changes the plugin's keyset: give it the plugin's --config or --local-keyset)", err)
 	}
+	return p, err
 }
 
 // joinOr joins ss, or returns none when empty.

@@ -5,19 +5,14 @@ import (
 	"encoding/json"
 	"net/http"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/kms-plugin/kms-plugin/internal/admin"
-	"github.com/kms-plugin/kms-plugin/internal/envelope"
-	"github.com/kms-plugin/kms-plugin/internal/provider/local"
 )
 
 // TestServeRefresh checks that POST /refresh makes a running plugin pick up a
@@ -89,51 +84,5 @@ func TestServeRefresh(t *testing.T) {
 		}
 	case <-time.After(15 * time.Second):
 		t.Fatal("serve did not stop")
-	}
-}
-
-func TestRequestedRefreshLogsKeyIDChange(t *testing.T) {
-	ctx := context.Background()
-	lp, err := local.New(local.Config{Path: filepath.Join(t.TempDir(), "keyset.json"), Create: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	svc, err := envelope.New(envelope.Config{Provider: lp})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := svc.Refresh(ctx); err != nil {
-		t.Fatal(err)
-	}
-	core, logs := observer.New(zap.InfoLevel)
-	refresh := requestedRefresh(svc, zap.New(core))
-
-	if err := refresh(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if n := logs.Len(); n != 0 {
-		t.Fatalf("%d log entries for a refresh that changed nothing; want none", n)
-	}
-	old := svc.Stats().KeyID
-	if _, err := lp.Rotate(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := refresh(ctx); err != nil {
-		t.Fatal(err)
-	}
-	next := svc.Stats().KeyID
-	entries := logs.TakeAll()
-	if len(entries) != 1 {
-		t.Fatalf("%d log entries; want 1", len(entries))
-	}
-	e := entries[0]
-	fields := e.ContextMap()
-	if e.Level != zap.InfoLevel || fields["keyIDHash"] != envelope.KeyIDHash(next) || fields["previousKeyIDHash"] != envelope.KeyIDHash(old) {
-		t.Fatalf("log entry = %s %q %v; want info with both key_id hashes", e.Level, e.Message, fields)
-	}
-	for k, v := range fields {
-		if s, ok := v.(string); ok && (strings.Contains(s, old) || strings.Contains(s, next)) {
-			t.Errorf("log field %s carries a raw key_id", k)
-		}
 	}
 }

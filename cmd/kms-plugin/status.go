@@ -39,7 +39,7 @@ func statusMain(ctx context.Context, args []string, stdout, stderr io.Writer, cl
 	fs := flag.NewFlagSet("kms-plugin status", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprint(stderr, `Usage: kms-plugin status [FLAGS]
+		fmt.Fprint(fs.Output(), `Usage: kms-plugin status [FLAGS]
 
 One screen for the cluster: each control-plane plugin's health and key_id
 hash, the rotation in progress (stage, progress, Lease holder), the last

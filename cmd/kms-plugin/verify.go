@@ -37,7 +37,7 @@ func verifyMain(ctx context.Context, args []string, stdout, stderr io.Writer, di
 	fs := flag.NewFlagSet("kms-plugin verify", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprint(stderr, `Usage: kms-plugin verify [FLAGS]
+		fmt.Fprint(fs.Output(), `Usage: kms-plugin verify [FLAGS]
 
 Scans etcd (read only) and counts the objects of each resource per provider
 and key_id, and the objects stored unencrypted. With an expected key_id

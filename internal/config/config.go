@@ -1,6 +1,8 @@
-// Package config holds the settings of `kms-plugin serve`: their defaults,
-// the YAML file that carries them, and their validation. Flags are applied by
-// cmd/kms-plugin on top of a loaded Config.
+// Package config holds the generic settings of `kms-plugin serve`: their
+// defaults, the YAML file that carries them, and their validation. It names
+// no key store: each store's section stays raw JSON here, for the provider
+// registry (internal/provider/registry) to decode and validate. Flags are
+// applied by cmd/kms-plugin on top of a loaded Config.
 package config
 
 import (
@@ -8,21 +10,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
-	"net/url"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"time"
 
 	"sigs.k8s.io/yaml"
-)
-
-// Provider names.
-const (
-	ProviderLocal         = "local"
-	ProviderAzureKeyVault = "azurekeyvault"
 )
 
 // Production paths used by the manifests in manifests/.
@@ -32,7 +27,7 @@ const (
 )
 
 // Config is the whole configuration of `kms-plugin serve`. Its YAML form uses
-// the json field names.
+// the json field names, plus one section per key store.
 type Config struct {
 	// Endpoint is the gRPC listen address, unix:///ABSOLUTE/PATH, as in
 	// kube-apiserver's EncryptionConfiguration.
@@ -40,12 +35,8 @@ type Config struct {
 	// SocketGroup, when set, is the group name or numeric gid given to the
 	// socket, which then gets mode 0660 instead of 0600.
 	SocketGroup string `json:"socketGroup,omitempty"`
-	// Provider selects the key store: "local".
+	// Provider names the key store; the provider registry knows the names.
 	Provider string `json:"provider"`
-	// Local configures the local keyset provider.
-	Local LocalConfig `json:"local"`
-	// Azure configures the Azure Key Vault / Managed HSM provider.
-	Azure AzureConfig `json:"azure"`
 	// HTTPAddr is where /livez, /readyz, /metrics, /status and /refresh listen.
 	// Empty disables the HTTP server.
 	HTTPAddr string `json:"httpAddr"`
@@ -58,69 +49,13 @@ type Config struct {
 	Log LogConfig `json:"log"`
 	// ShutdownTimeout bounds the graceful drain on SIGTERM.
 	ShutdownTimeout Duration `json:"shutdownTimeout"`
-}
-
-// LocalConfig configures the local provider.
-type LocalConfig struct {
-	// KeysetPath is the Tink keyset file, created on first start.
-	KeysetPath string `json:"keysetPath"`
-}
-
-// AzureConfig configures the azurekeyvault provider. Secrets are read from
-// files named here, never given inline.
-type AzureConfig struct {
-	// VaultURL is https://NAME.vault.azure.net, https://NAME.managedhsm.azure.net
-	// or a sovereign or custom cloud's equivalent.
-	VaultURL string `json:"vaultURL,omitempty"`
-	// VaultName builds VaultURL from the cloud's suffix (or VaultSuffix)
-	// when VaultURL is empty; ManagedHSM picks the Managed HSM suffix.
-	VaultName   string `json:"vaultName,omitempty"`
-	ManagedHSM  bool   `json:"managedHSM,omitempty"`
-	VaultSuffix string `json:"vaultSuffix,omitempty"`
-	// KeyName is the key. Required.
-	KeyName string `json:"keyName,omitempty"`
-	// KeyVersion pins a version; empty follows the newest enabled version.
-	KeyVersion string `json:"keyVersion,omitempty"`
-	// Cloud is AzurePublicCloud (default), AzureChinaCloud,
-	// AzureUSGovernmentCloud or AzureStackCloud.
-	Cloud string `json:"cloud,omitempty"`
-	// AuthorityHost overrides the cloud's Entra ID authority host.
-	AuthorityHost string `json:"authorityHost,omitempty"`
-	// WrapInVault wraps new local KEKs with the vault's wrapkey instead of
-	// locally with the RSA public key.
-	WrapInVault bool `json:"wrapInVault,omitempty"`
-	// DisableChallengeResourceVerification accepts a vault reached under a
-	// custom domain.
-	DisableChallengeResourceVerification bool `json:"disableChallengeResourceVerification,omitempty"`
-	// Timeout bounds each call to the vault, retries included; zero means
-	// the provider's default (8s).
-	Timeout Duration `json:"timeout,omitzero"`
-	// Credential says how to authenticate.
-	Credential AzureCredentialConfig `json:"credential"`
-}
-
-// AzureCredentialConfig selects the identity the plugin uses with Entra ID.
-type AzureCredentialConfig struct {
-	// Type is managedIdentity, workloadIdentity, clientSecret,
-	// clientCertificate or azureJSON.
-	Type string `json:"type"`
-	// TenantID and ClientID identify the app registration; for a
-	// user-assigned managed identity ClientID is its client ID.
-	TenantID string `json:"tenantID,omitempty"`
-	ClientID string `json:"clientID,omitempty"`
-	// ResourceID selects a user-assigned managed identity by resource ID.
-	ResourceID string `json:"resourceID,omitempty"`
-	// ClientSecretFile holds the client secret.
-	ClientSecretFile string `json:"clientSecretFile,omitempty"`
-	// CertificateFile holds a PEM or PKCS#12 certificate with its key;
-	// CertificatePasswordFile the PKCS#12 password.
-	CertificateFile         string `json:"certificateFile,omitempty"`
-	CertificatePasswordFile string `json:"certificatePasswordFile,omitempty"`
-	// FederatedTokenFile holds the workload identity token.
-	FederatedTokenFile string `json:"federatedTokenFile,omitempty"`
-	// AzureJSONFile is the cloud provider's azure.json
-	// (default /etc/kubernetes/azure.json).
-	AzureJSONFile string `json:"azureJSONFile,omitempty"`
+	// Sections holds the key stores' settings as JSON, by top-level YAML key
+	// (such as "azure"). Its keys are the sections Parse accepts: any other
+	// top-level key of a file is an unknown field. A nil value means the
+	// file has no such section (the store's defaults apply). The provider
+	// registry fills the keys in, and decodes and validates the configured
+	// store's section.
+	Sections map[string]json.RawMessage `json:"-"`
 }
 
 // KEKConfig bounds local KEKs.
@@ -158,15 +93,14 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// Default returns the configuration used with no file and no flags: the
-// local provider, with the socket and keyset under the user's state
-// directory, so that an unprivileged `kms-plugin serve` just works.
+// Default returns the generic settings used with no file and no flags, with
+// the socket under the user's state directory so that an unprivileged
+// `kms-plugin serve` just works. It names no provider and no section: the
+// provider registry's Default adds its default store and its sections.
 func Default() Config {
 	dir := StateDir()
 	return Config{
 		Endpoint:             "unix://" + filepath.Join(dir, "socket.sock"),
-		Provider:             ProviderLocal,
-		Local:                LocalConfig{KeysetPath: filepath.Join(dir, "keyset.json")},
 		HTTPAddr:             "127.0.0.1:8787",
 		ProviderPollInterval: Duration{60 * time.Second},
 		KEK:                  KEKConfig{MaxAge: Duration{7 * 24 * time.Hour}, MaxUses: 1 << 20, CacheSize: 10000},
@@ -191,9 +125,10 @@ func StateDir() string {
 	return filepath.Join(os.TempDir(), "kms-plugin")
 }
 
-// Load reads a YAML config file over the defaults. Unknown fields are errors.
-func Load(path string) (Config, error) {
-	cfg := Default()
+// Load reads a YAML config file over base, usually the provider registry's
+// Default. Unknown fields are errors. base is not modified.
+func Load(path string, base Config) (Config, error) {
+	cfg := base
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return cfg, fmt.Errorf("read config: %w", err)
@@ -205,6 +140,9 @@ func Load(path string) (Config, error) {
 }
 
 // Parse decodes YAML data into cfg, keeping the fields data does not set.
+// A top-level key that matches a key of cfg.Sections (ignoring case, as
+// for the other fields) is a section: its JSON replaces the value there,
+// in a copy of the map. Any other unknown key is an error naming it.
 func Parse(data []byte, cfg *Config) error {
 	js, err := yaml.YAMLToJSON(data)
 	if err != nil {
@@ -213,12 +151,40 @@ func Parse(data []byte, cfg *Config) error {
 	if bytes.Equal(bytes.TrimSpace(js), []byte("null")) {
 		return nil // empty file
 	}
+	var top map[string]json.RawMessage
+	if json.Unmarshal(js, &top) == nil {
+		sections := maps.Clone(cfg.Sections)
+		for key, raw := range top {
+			if name, ok := sectionKey(sections, key); ok {
+				sections[name] = raw
+				delete(top, key)
+			}
+		}
+		if js, err = json.Marshal(top); err != nil {
+			return fmt.Errorf("decode: %w", err)
+		}
+		cfg.Sections = sections
+	} // else not an object: the strict decode below says so.
 	dec := json.NewDecoder(bytes.NewReader(js))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(cfg); err != nil {
 		return fmt.Errorf("decode: %w", err)
 	}
 	return nil
+}
+
+// sectionKey returns the key of sections that a file's top-level key
+// names, matching case-insensitively as encoding/json matches fields.
+func sectionKey(sections map[string]json.RawMessage, key string) (string, bool) {
+	if _, ok := sections[key]; ok {
+		return key, true
+	}
+	for name := range sections {
+		if strings.EqualFold(name, key) {
+			return name, true
+		}
+	}
+	return "", false
 }
 
 // SocketPath returns the filesystem path of a unix:// endpoint.
@@ -237,8 +203,9 @@ func SocketPath(endpoint string) (string, error) {
 	return filepath.Clean(path), nil
 }
 
-// Validate checks every field and returns one error per bad field, each
-// naming the field.
+// Validate checks the generic fields and returns one error per bad field,
+// each naming the field. The provider registry checks Provider and the
+// store's section.
 func (c Config) Validate() error {
 	var errs []error
 	bad := func(field, format string, args ...any) {
@@ -246,20 +213,6 @@ func (c Config) Validate() error {
 	}
 	if _, err := SocketPath(c.Endpoint); err != nil {
 		bad("endpoint", "%v", err)
-	}
-	switch c.Provider {
-	case ProviderLocal:
-		if c.Local.KeysetPath == "" {
-			bad("local.keysetPath", "required with provider local")
-		} else if !filepath.IsAbs(c.Local.KeysetPath) {
-			bad("local.keysetPath", "%q must be an absolute path", c.Local.KeysetPath)
-		}
-	case ProviderAzureKeyVault:
-		c.Azure.validate(bad)
-	case "":
-		bad("provider", "required (one of: local, azurekeyvault)")
-	default:
-		bad("provider", "unknown provider %q (one of: local, azurekeyvault)", c.Provider)
 	}
 	if c.HTTPAddr != "" {
 		if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
@@ -292,87 +245,4 @@ func (c Config) Validate() error {
 		bad("shutdownTimeout", "%s is outside (0, 10m]", d)
 	}
 	return errors.Join(errs...)
-}
-
-var (
-	azureKeyNameRE   = regexp.MustCompile(`^[0-9a-zA-Z-]{1,127}$`)
-	azureVersionRE   = regexp.MustCompile(`^[0-9a-zA-Z]{1,64}$`)
-	azureVaultNameRE = regexp.MustCompile(`^[0-9a-zA-Z-]{3,24}$`)
-)
-
-// validate checks the azurekeyvault settings.
-func (a AzureConfig) validate(bad func(field, format string, args ...any)) {
-	switch {
-	case a.VaultURL != "" && a.VaultName != "":
-		bad("azure.vaultURL", "set vaultURL or vaultName, not both")
-	case a.VaultURL != "":
-		if u, err := url.Parse(a.VaultURL); err != nil || u.Scheme != "https" || u.Host == "" || (u.Path != "" && u.Path != "/") {
-			bad("azure.vaultURL", "%q must be https://HOST with no path", a.VaultURL)
-		}
-	case a.VaultName != "":
-		if !azureVaultNameRE.MatchString(a.VaultName) {
-			bad("azure.vaultName", "%q must be 3-24 letters, digits and dashes", a.VaultName)
-		}
-		if strings.EqualFold(a.Cloud, "AzureStackCloud") && a.VaultSuffix == "" {
-			bad("azure.vaultSuffix", "required with vaultName on AzureStackCloud (or set vaultURL)")
-		}
-	default:
-		bad("azure.vaultURL", "required with provider azurekeyvault (or vaultName)")
-	}
-	if !azureKeyNameRE.MatchString(a.KeyName) {
-		bad("azure.keyName", "%q must be 1-127 letters, digits and dashes", a.KeyName)
-	}
-	if a.KeyVersion != "" && !azureVersionRE.MatchString(a.KeyVersion) {
-		bad("azure.keyVersion", "%q is not a key version ID", a.KeyVersion)
-	}
-	switch strings.ToLower(a.Cloud) {
-	case "", "azurepubliccloud", "azurechinacloud", "azureusgovernmentcloud", "azurestackcloud":
-	default:
-		bad("azure.cloud", "unknown cloud %q (AzurePublicCloud, AzureChinaCloud, AzureUSGovernmentCloud or AzureStackCloud)", a.Cloud)
-	}
-	if a.AuthorityHost != "" {
-		if u, err := url.Parse(a.AuthorityHost); err != nil || u.Scheme != "https" || u.Host == "" {
-			bad("azure.authorityHost", "%q must be an https:// URL", a.AuthorityHost)
-		}
-	}
-	if d := a.Timeout.Duration; d != 0 && (d < time.Second || d > 5*time.Minute) {
-		bad("azure.timeout", "%s is outside 1s..5m", d)
-	}
-	cr := a.Credential
-	file := func(field, path string, required bool) {
-		switch {
-		case path == "" && required:
-			bad("azure.credential."+field, "required with credential type %s", cr.Type)
-		case path != "" && !filepath.IsAbs(path):
-			bad("azure.credential."+field, "%q must be an absolute path", path)
-		}
-	}
-	need := func(field, v string) {
-		if v == "" {
-			bad("azure.credential."+field, "required with credential type %s", cr.Type)
-		}
-	}
-	switch cr.Type {
-	case "managedIdentity":
-		if cr.ClientID != "" && cr.ResourceID != "" {
-			bad("azure.credential.resourceID", "set clientID or resourceID, not both")
-		}
-	case "workloadIdentity":
-		file("federatedTokenFile", cr.FederatedTokenFile, false)
-	case "clientSecret":
-		need("tenantID", cr.TenantID)
-		need("clientID", cr.ClientID)
-		file("clientSecretFile", cr.ClientSecretFile, true)
-	case "clientCertificate":
-		need("tenantID", cr.TenantID)
-		need("clientID", cr.ClientID)
-		file("certificateFile", cr.CertificateFile, true)
-		file("certificatePasswordFile", cr.CertificatePasswordFile, false)
-	case "azureJSON":
-		file("azureJSONFile", cr.AzureJSONFile, false)
-	case "":
-		bad("azure.credential.type", "required (managedIdentity, workloadIdentity, clientSecret, clientCertificate or azureJSON)")
-	default:
-		bad("azure.credential.type", "unknown type %q (managedIdentity, workloadIdentity, clientSecret, clientCertificate or azureJSON)", cr.Type)
-	}
 }

@@ -20,6 +20,8 @@
 package install
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -29,7 +31,11 @@ import (
 	"strings"
 	"time"
 
+	"sigs.k8s.io/yaml"
+
 	"github.com/kms-plugin/kms-plugin/internal/config"
+	"github.com/kms-plugin/kms-plugin/internal/provider"
+	"github.com/kms-plugin/kms-plugin/internal/provider/registry"
 )
 
 // Mode is how the plugin runs on the node.
@@ -227,6 +233,7 @@ func New(cfg Config) (*Installer, error) {
 type pluginSettings struct {
 	raw        []byte
 	cfg        config.Config
+	paths      provider.HostPaths // of the configured key store
 	socketPath string
 	socketDir  string
 	endpoint   string
@@ -248,23 +255,26 @@ func (i *Installer) pluginConfig() (pluginSettings, error) {
 	if len(raw) == 0 {
 		return pluginSettings{}, fmt.Errorf("%s is empty", source)
 	}
-	// What the file itself sets, without any default.
-	var explicit config.Config
-	if err := config.Parse(raw, &explicit); err != nil {
-		return pluginSettings{}, fmt.Errorf("%s: %w", source, err)
-	}
-	cfg := config.Default()
+	stores := registry.Builtin()
+	cfg := stores.Default()
 	if err := config.Parse(raw, &cfg); err != nil {
 		return pluginSettings{}, fmt.Errorf("%s: %w", source, err)
 	}
+	var paths provider.HostPaths
+	if _, s, err := stores.Settings(cfg); err == nil {
+		if hp, ok := s.(provider.HostPather); ok {
+			paths = hp.HostPaths()
+		}
+	}
+	// Fields whose default depends on the environment of `kms-plugin
+	// serve` must be in the file itself.
 	var errs []error
-	if explicit.Endpoint == "" {
-		errs = append(errs, errors.New("endpoint must be set (the default depends on the environment of `kms-plugin serve`)"))
+	for _, field := range append([]string{"endpoint"}, paths.MustSet...) {
+		if !fileSets(raw, field) {
+			errs = append(errs, fmt.Errorf("%s must be set (the default depends on the environment of `kms-plugin serve`)", field))
+		}
 	}
-	if cfg.Provider == config.ProviderLocal && explicit.Local.KeysetPath == "" {
-		errs = append(errs, errors.New("local.keysetPath must be set (the default depends on the environment of `kms-plugin serve`)"))
-	}
-	if err := cfg.Validate(); err != nil {
+	if err := stores.Validate(cfg); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -274,7 +284,36 @@ func (i *Installer) pluginConfig() (pluginSettings, error) {
 	if err != nil {
 		return pluginSettings{}, err
 	}
-	return pluginSettings{raw: raw, cfg: cfg, socketPath: sock, socketDir: filepath.Dir(sock), endpoint: "unix://" + sock}, nil
+	return pluginSettings{raw: raw, cfg: cfg, paths: paths, socketPath: sock, socketDir: filepath.Dir(sock), endpoint: "unix://" + sock}, nil
+}
+
+// fileSets reports whether the YAML document data sets the field at path
+// (JSON names joined by dots, such as "local.keysetPath", matched
+// ignoring case as config.Parse does) to something other than null or "".
+func fileSets(data []byte, path string) bool {
+	js, err := yaml.YAMLToJSON(data)
+	if err != nil {
+		return false
+	}
+	v := json.RawMessage(js)
+	for _, name := range strings.Split(path, ".") {
+		var obj map[string]json.RawMessage
+		if err := json.Unmarshal(v, &obj); err != nil {
+			return false
+		}
+		sub, ok := obj[name]
+		for k, kv := range obj {
+			if !ok && strings.EqualFold(k, name) {
+				sub, ok = kv, true
+			}
+		}
+		if !ok {
+			return false
+		}
+		v = sub
+	}
+	s := string(bytes.TrimSpace(v))
+	return s != "null" && s != `""`
 }
 
 // kms returns our provider entry.
@@ -447,8 +486,8 @@ func (i *Installer) installNotes(ps pluginSettings) []string {
 	if i.cfg.Mode == ModeSystemd {
 		notes = append(notes, fmt.Sprintf("start the plugin: systemctl daemon-reload && systemctl enable --now %s", filepath.Base(i.cfg.Paths.SystemdUnit)))
 	}
-	if ps.cfg.Provider == config.ProviderLocal {
-		notes = append(notes, fmt.Sprintf("every control-plane node needs the same keyset %s: copy it from the first node before the plugin starts on the others", ps.cfg.Local.KeysetPath))
+	for _, path := range ps.paths.PerNode {
+		notes = append(notes, fmt.Sprintf("every control-plane node needs the same keyset %s: copy it from the first node before the plugin starts on the others", path))
 	}
 	if i.cfg.SkipKubeAPIServer {
 		notes = append(notes, fmt.Sprintf("kube-apiserver must get --%s=%s, --%s=true and hostPath mounts of %s (read-only) and %s (see manifests/kubeadm-clusterconfiguration.yaml)",

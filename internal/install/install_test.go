@@ -127,6 +127,22 @@ resources:
 			want: "endpoint must be set",
 		},
 		{
+			name:  "plugin config without keyset path",
+			files: map[string]string{paths.KubeAPIServer: apiserver},
+			edit: func(c *Config) {
+				c.PluginConfig = []byte("endpoint: unix:///var/run/kmsplugin/socket.sock\nprovider: local\n")
+			},
+			want: "local.keysetPath must be set (the default depends on the environment of `kms-plugin serve`)",
+		},
+		{
+			name:  "plugin config with unknown field in a section",
+			files: map[string]string{paths.KubeAPIServer: apiserver},
+			edit: func(c *Config) {
+				c.PluginConfig = []byte("endpoint: unix:///var/run/kmsplugin/socket.sock\nlocal:\n  keysetPath: /etc/kubernetes/kms-plugin/keyset.json\n  keyset: /x\n")
+			},
+			want: `local: json: unknown field "keyset"`,
+		},
+		{
 			name:  "plugin config with unknown field",
 			files: map[string]string{paths.KubeAPIServer: apiserver},
 			edit: func(c *Config) {
@@ -291,5 +307,27 @@ func TestInstallModes(t *testing.T) {
 	in = newInstaller(t, root, func(c *Config) { c.PluginConfig = DefaultPluginConfig() })
 	if _, err := in.PlanInstall(); err == nil || !strings.Contains(err.Error(), "uses endpoint unix:///run/kms/kms.sock") {
 		t.Errorf("reinstall with another endpoint: error %v; want a conflict", err)
+	}
+}
+
+func TestFileSets(t *testing.T) {
+	const doc = "endpoint: unix:///x.sock\nsocketGroup: \"\"\nlog: null\nLocal:\n  keysetPath: /k\nazure:\n  credential: {type: azureJSON}\n"
+	for _, tt := range []struct {
+		path string
+		want bool
+	}{
+		{"endpoint", true},
+		{"socketGroup", false},
+		{"log", false},
+		{"httpAddr", false},
+		{"local.keysetPath", true},
+		{"local.keysetpath", true},
+		{"azure.credential.type", true},
+		{"azure.credential.azureJSONFile", false},
+		{"endpoint.x", false},
+	} {
+		if got := fileSets([]byte(doc), tt.path); got != tt.want {
+			t.Errorf("fileSets(%q) = %v; want %v", tt.path, got, tt.want)
+		}
 	}
 }

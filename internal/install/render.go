@@ -14,8 +14,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/yaml"
-
-	"github.com/kms-plugin/kms-plugin/internal/config"
 )
 
 // managedHeader starts every file the installer renders itself.
@@ -27,52 +25,33 @@ type pluginMount struct {
 	path     string
 	readOnly bool
 	typ      corev1.HostPathType
+	// storeDir marks a directory the key store writes (HostPaths.Write),
+	// which the systemd unit must let the plugin write too.
+	storeDir bool
 }
 
 // pluginMounts lists the host paths the plugin uses: its socket directory,
-// its config directory, the keyset's directory when elsewhere, the key
-// store's credential files (read-only), and the extra mounts (read-only).
+// its config directory, the directories the key store writes when
+// elsewhere, the key store's files (read-only), and the extra mounts
+// (read-only).
 func pluginMounts(cfg Config, ps pluginSettings) []pluginMount {
 	configDir := filepath.Dir(cfg.Paths.PluginConfig)
 	mounts := []pluginMount{
 		{name: "socket-dir", path: ps.socketDir, typ: corev1.HostPathDirectoryOrCreate},
 		{name: "config-dir", path: configDir, typ: corev1.HostPathDirectoryOrCreate},
 	}
-	if ps.cfg.Provider == config.ProviderLocal {
-		if dir := filepath.Dir(ps.cfg.Local.KeysetPath); !within(dir, configDir) {
-			mounts = append(mounts, pluginMount{name: "keyset-dir", path: dir, typ: corev1.HostPathDirectoryOrCreate})
+	for _, d := range ps.paths.Write {
+		if !within(d.Path, configDir) {
+			mounts = append(mounts, pluginMount{name: d.Name, path: d.Path, typ: corev1.HostPathDirectoryOrCreate, storeDir: true})
 		}
 	}
-	for n, p := range credentialFiles(ps.cfg) {
-		mounts = append(mounts, pluginMount{name: "credential-" + strconv.Itoa(n), path: p, readOnly: true, typ: corev1.HostPathFile})
+	for _, f := range ps.paths.Read {
+		mounts = append(mounts, pluginMount{name: f.Name, path: f.Path, readOnly: true, typ: corev1.HostPathFile})
 	}
 	for n, p := range cfg.ExtraMounts {
 		mounts = append(mounts, pluginMount{name: "extra-" + strconv.Itoa(n), path: p, readOnly: true})
 	}
 	return mounts
-}
-
-// defaultAzureJSON is where the azurekeyvault provider reads the cloud
-// provider's azure.json by default (azurekv.DefaultAzureJSONPath).
-const defaultAzureJSON = "/etc/kubernetes/azure.json"
-
-// credentialFiles lists the files the configured key store reads its
-// credentials from, which the plugin's pod must see.
-func credentialFiles(c config.Config) []string {
-	if c.Provider != config.ProviderAzureKeyVault {
-		return nil
-	}
-	cred := c.Azure.Credential
-	var files []string
-	for _, f := range []string{cred.ClientSecretFile, cred.CertificateFile, cred.CertificatePasswordFile, cred.FederatedTokenFile, cred.AzureJSONFile} {
-		if f != "" {
-			files = append(files, f)
-		}
-	}
-	if cred.Type == "azureJSON" && cred.AzureJSONFile == "" {
-		files = append(files, defaultAzureJSON)
-	}
-	return files
 }
 
 // within reports whether path is dir or below it.
@@ -197,7 +176,7 @@ func renderUnit(cfg Config, ps pluginSettings) []byte {
 	configDir := filepath.Dir(cfg.Paths.PluginConfig)
 	rw := []string{configDir}
 	for _, m := range pluginMounts(cfg, ps) {
-		if m.name == "keyset-dir" {
+		if m.storeDir {
 			rw = append(rw, "-"+m.path)
 		}
 	}

@@ -8,12 +8,20 @@
 // optional interfaces (Rotator, Retirer, HealthChecker, VersionLister), which
 // callers discover with a type assertion.
 //
+// Each store also describes its configuration with a Registration: its
+// name, the YAML section and flags of its Settings, and how Settings open
+// the store. Settings may implement small optional interfaces too (Doctor,
+// Describer, HostPather) for kms-plugin doctor and install. The one table
+// of registrations is internal/provider/registry.
+//
 // This package imports only the standard library.
 package provider
 
 import (
 	"context"
 	"errors"
+	"flag"
+	"net/http"
 	"time"
 )
 
@@ -133,4 +141,139 @@ type NodeLocal interface {
 func IsNodeLocal(p Provider) bool {
 	nl, ok := p.(NodeLocal)
 	return ok && nl.NodeLocal()
+}
+
+// Registration describes one kind of key store to the commands that
+// configure and build stores (serve, rotate, doctor, keyset, install). A
+// store package returns its Registration from a function; the registry
+// lists them.
+type Registration struct {
+	// Name identifies the store kind: the value of the config file's
+	// provider field and of --provider, and what Provider.Name of the built
+	// store returns (metrics label, key_id input), such as "local".
+	Name string
+	// Section is the config file's key holding the store's settings, such
+	// as "local" or "azure".
+	Section string
+	// Summary says in a few words what the store is, for --provider's help.
+	Summary string
+	// NewSettings returns the store's settings with their defaults, ready
+	// for the section to be decoded over them (as JSON, unknown fields
+	// refused). Settings must survive a JSON round trip: the registry
+	// stores them back into the config once flags are applied.
+	NewSettings func() Settings
+	// Flags registers the store's flags on fs and returns a function that
+	// applies the ones set on the command line over settings returned by
+	// NewSettings (and decoded from the file). Nil means no flags.
+	Flags func(fs *flag.FlagSet) func(Settings)
+}
+
+// Settings are one store's configuration: the section of the config file
+// named by Registration.Section, decoded over Registration.NewSettings.
+type Settings interface {
+	// Validate checks every field and returns one error per bad field (an
+	// errors.Join), each starting with the field's YAML path, such as
+	// "azure.keyName: ...".
+	Validate() error
+	// Open builds the store the settings describe. Settings are valid
+	// (Validate returned nil). It fails when the store's key material is
+	// missing, unless o.Create is set and the store can create it.
+	Open(ctx context.Context, o OpenOptions) (Provider, error)
+}
+
+// OpenOptions are what the command building a store decides, as opposed to
+// what is configured.
+type OpenOptions struct {
+	// Create lets Open create missing key material, such as the local
+	// keyset on the plugin's first start. Only serve sets it: rotate,
+	// doctor and keyset must work on the material the plugin uses.
+	Create bool
+	// Transport carries the store's HTTP requests; nil means the store's
+	// default client. Tests set it to reach a fake server.
+	Transport Transport
+}
+
+// Transport sends one HTTP request; *http.Client implements it.
+type Transport interface {
+	Do(req *http.Request) (*http.Response, error)
+}
+
+// Describer is Settings that can summarize themselves in one line for
+// kms-plugin doctor's header, such as "vault https://v.vault.azure.net, key
+// k". The line holds no secret.
+type Describer interface {
+	Describe() string
+}
+
+// Doctor is Settings with their own checks for kms-plugin doctor, step by
+// step from the configuration to the first call to the key. Stores without
+// it get doctor's generic checks: open, key version, round trip, health.
+type Doctor interface {
+	// Doctor opens the store as Open does, with o (o.Create is never set),
+	// checks what must work before a key can be used (a credential, the
+	// network path, a token), reporting every step to c, and returns the
+	// store. It returns nil when a step failed; that failure is in c.
+	// Doctor then checks the key and a round trip with the returned store.
+	Doctor(ctx context.Context, c Checklist, o OpenOptions) Provider
+	// Remedy suggests a fix for an error of the store, or "" when it has
+	// none.
+	Remedy(err error) string
+}
+
+// Checklist is where doctor checks report, one line per check.
+type Checklist interface {
+	// OK reports that check passed; detail says what was found.
+	OK(check, detail string)
+	// Fail reports that check failed with err; fix says what to do, or "".
+	Fail(check string, err error, fix string)
+	// Skip reports that check did not run, and why.
+	Skip(check, why string)
+}
+
+// HostPather is Settings that make the plugin use paths on the node. The
+// installer mounts them into the plugin's static pod and lets its systemd
+// unit write the directories.
+type HostPather interface {
+	HostPaths() HostPaths
+}
+
+// HostPaths are the paths on the node that a store's settings name.
+type HostPaths struct {
+	// Read are files the plugin reads, such as credential files: mounted
+	// read-only.
+	Read []HostPath
+	// Write are directories the plugin writes, such as the keyset's:
+	// mounted read-write, created when missing.
+	Write []HostPath
+	// PerNode are files of key material that each node keeps on its own
+	// (see NodeLocal): every control-plane node needs the same copy before
+	// the plugin starts there.
+	PerNode []string
+	// MustSet are the YAML paths of fields whose default depends on the
+	// environment of kms-plugin serve (its user's state directory), such as
+	// "local.keysetPath": a config that the installer writes must set them.
+	MustSet []string
+}
+
+// HostPath is one path on the node.
+type HostPath struct {
+	// Name names the path's volume in the plugin's static pod, a DNS label
+	// such as "keyset-dir" or "credential-0".
+	Name string
+	// Path is absolute.
+	Path string
+}
+
+// VersionChecker is a store that can say, cheaply, which of some key
+// versions may no longer unwrap. The plugin asks it after each poll about
+// the versions of the local KEKs it holds unwrapped, and drops those the
+// store reports disabled, expired or deleted, so that a revoked version
+// stops decrypting on every node within one poll interval.
+type VersionChecker interface {
+	// RevokedVersions returns the subset of versions that the store reports
+	// disabled, expired or deleted. A version it cannot judge (another
+	// store's, malformed) is not in the result. It returns ErrUnavailable
+	// or ErrPermissionDenied like CurrentVersion; the caller then keeps
+	// what it has.
+	RevokedVersions(ctx context.Context, versions []string) ([]string, error)
 }

@@ -12,7 +12,7 @@ import (
 // dryRun reports what Run would do. It reads the state, the plugins, the
 // key store and etcd, and writes nothing: no Lease, no state, no key.
 func (r *Runner) dryRun(ctx context.Context) (*Result, error) {
-	cfg := r.cfg
+	cfg := &r.cfg
 	st, err := LoadState(ctx, cfg.Client, cfg.Namespace, cfg.Name)
 	if err != nil {
 		return nil, err
@@ -37,15 +37,15 @@ func (r *Runner) dryRun(ctx context.Context) (*Result, error) {
 	if held, err := ReadLease(ctx, cfg.Client, cfg.Namespace, cfg.Name); err == nil && held.Holder != "" {
 		plan = append(plan, fmt.Sprintf("note: the Lease is held by %s now; a real run would wait or exit with code 2", held.Holder))
 	}
-	targets, cur, note, err := r.check(ctx, rot)
+	c, err := r.check(ctx, rot)
 	if err != nil {
 		return nil, &StageError{Stage: StagePreflight, Resume: StagePreflight, Err: err}
 	}
-	p := cfg.Provider
+	p, cur := cfg.Provider, c.version
 	curKeyID := envelope.DeriveKeyID(p.Name(), cur)
-	line := fmt.Sprintf("preflight: %d plugins ready (%s), key store %s at version %s (key_id hash %s)", len(targets), targetNames(targets), p.Name(), cur, envelope.KeyIDHash(curKeyID))
-	if note != "" {
-		line += "; " + note
+	line := fmt.Sprintf("preflight: %d plugins ready (%s), key store %s at version %s (key_id hash %s)", len(c.plugins), targetNames(c.plugins), p.Name(), cur, envelope.KeyIDHash(curKeyID))
+	if c.note != "" {
+		line += "; " + c.note
 	}
 	plan = append(plan, line)
 
@@ -69,9 +69,13 @@ func (r *Runner) dryRun(ctx context.Context) (*Result, error) {
 	}
 	plan = append(plan, fmt.Sprintf("converge: would wait up to %s for every plugin to report the new key_id, then %s", cfg.ConvergeTimeout, how))
 
-	method := string(MigrationUpdate)
-	if _, served, err := r.svmServed(ctx); err == nil && (cfg.Migration == MigrationSVM || (cfg.Migration == MigrationAuto && served && r.controllerManagerAlive(ctx))) {
-		method = string(MigrationSVM)
+	var chosen Migration
+	if rot != nil {
+		chosen = Migration(rot.Migration)
+	}
+	method, _, _, err := r.migrationFor(ctx, chosen)
+	if err != nil {
+		return nil, &StageError{Stage: StageReencrypt, Resume: StagePreflight, Err: err}
 	}
 	if cfg.Etcd != nil {
 		rep, err := Verify(ctx, VerifyConfig{Etcd: cfg.Etcd, EtcdPrefix: cfg.EtcdPrefix, Resources: cfg.Resources, ProviderName: cfg.ProviderName, ExpectedKeyID: newKeyID, Now: cfg.Now})

@@ -488,6 +488,35 @@ func (c *cluster) config() Config {
 	}
 }
 
+// crashPoint is where crashHooks stops a run: right after Stage was
+// persisted as completed, or, with Objects > 0, once that many objects
+// were rewritten in the re-encrypt stage.
+type crashPoint struct {
+	Stage   Stage
+	Objects int64
+}
+
+// crashHooks returns Hooks that, at cp, count the crash in crashed and
+// stop the run with ErrCrashed.
+func crashHooks(cp crashPoint, crashed *int) Hooks {
+	if cp.Objects > 0 {
+		return Hooks{AfterRewrites: func(n int64) error {
+			if n != cp.Objects {
+				return nil
+			}
+			*crashed++
+			return ErrCrashed
+		}}
+	}
+	return Hooks{AfterStage: func(s Stage) error {
+		if s != cp.Stage {
+			return nil
+		}
+		*crashed++
+		return ErrCrashed
+	}}
+}
+
 func (c *cluster) runner(cfg Config) *Runner {
 	c.t.Helper()
 	r, err := New(cfg)

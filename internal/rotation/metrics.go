@@ -29,23 +29,28 @@ func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- estimateDesc
 }
 
+// Collect shows the state as last saved, with the live counts of the
+// resource being re-encrypted.
 func (c collector) Collect(ch chan<- prometheus.Metric) {
 	x := c.cur.Load()
 	if x == nil {
 		return
 	}
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	if x.rot == nil {
+	v := x.saved.Load()
+	if v == nil {
 		return
 	}
-	ch <- prometheus.MustNewConstMetric(stageDesc, prometheus.GaugeValue, 1, string(x.rot.Stage), string(x.rot.Status))
-	for _, p := range x.rot.Progress {
-		for outcome, v := range map[string]int64{
+	live := x.live.Load()
+	ch <- prometheus.MustNewConstMetric(stageDesc, prometheus.GaugeValue, 1, string(v.stage), string(v.status))
+	for _, p := range v.progress {
+		if live != nil && live.base.Resource == p.Resource {
+			p = live.snapshot()
+		}
+		for outcome, n := range map[string]int64{
 			"listed": p.Listed, "rewritten": p.Rewritten, "current": p.SkippedCurrent,
 			"deleted": p.SkippedDeleted, "conflicts_retried": p.ConflictsRetried, "failed": p.Failed,
 		} {
-			ch <- prometheus.MustNewConstMetric(objectsDesc, prometheus.GaugeValue, float64(v), p.Resource, outcome)
+			ch <- prometheus.MustNewConstMetric(objectsDesc, prometheus.GaugeValue, float64(n), p.Resource, outcome)
 		}
 		ch <- prometheus.MustNewConstMetric(estimateDesc, prometheus.GaugeValue, float64(p.Estimate), p.Resource)
 	}

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
+	"strings"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -199,4 +201,60 @@ func (s dynamicStore) get(ctx context.Context, o *storedObject) (*storedObject, 
 		return nil, err
 	}
 	return &storedObject{namespace: u.GetNamespace(), name: u.GetName(), u: u}, nil
+}
+
+// servedResource is a resource as the cluster serves it.
+type servedResource struct {
+	gvr        schema.GroupVersionResource
+	kind       string
+	namespaced bool
+}
+
+// resolve finds the served version of resource ("secrets",
+// "deployments.apps").
+func (r *Runner) resolve(ctx context.Context, resource string) (servedResource, error) {
+	name, group, _ := strings.Cut(resource, ".")
+	disc := r.cfg.Client.Discovery()
+	gv := "v1"
+	if group != "" {
+		groups, err := disc.ServerGroups()
+		if err != nil {
+			return servedResource{}, fmt.Errorf("discover API groups: %w", err)
+		}
+		gv = ""
+		for _, g := range groups.Groups {
+			if g.Name == group {
+				gv = g.PreferredVersion.GroupVersion
+			}
+		}
+		if gv == "" {
+			return servedResource{}, fmt.Errorf("resource %s: the cluster serves no API group %s", resource, group)
+		}
+	}
+	list, err := disc.ServerResourcesForGroupVersion(gv)
+	if err != nil {
+		return servedResource{}, fmt.Errorf("resource %s: discover %s: %w", resource, gv, err)
+	}
+	for _, res := range list.APIResources {
+		if res.Name == name {
+			if !slices.Contains(res.Verbs, "update") || !slices.Contains(res.Verbs, "list") {
+				return servedResource{}, fmt.Errorf("resource %s cannot be listed and updated", resource)
+			}
+			parsed, err := schema.ParseGroupVersion(gv)
+			if err != nil {
+				return servedResource{}, fmt.Errorf("resource %s: %w", resource, err)
+			}
+			return servedResource{gvr: parsed.WithResource(name), kind: res.Kind, namespaced: res.Namespaced}, nil
+		}
+	}
+	return servedResource{}, fmt.Errorf("resource %s: %s serves no resource %s", resource, gv, name)
+}
+
+// objectStore picks how objects of served are read and written: raw JSON
+// through Config.REST, else the dynamic client.
+func (r *Runner) objectStore(served servedResource) objectStore {
+	if r.cfg.REST != nil && served.kind != "" {
+		return newRawStore(r.cfg.REST, served.gvr, served.kind, served.namespaced)
+	}
+	return dynamicStore{ri: r.cfg.Dynamic.Resource(served.gvr)}
 }

@@ -78,6 +78,11 @@ type PluginSource struct {
 	HTTP *http.Client
 }
 
+// pluginSource is the PluginSource of the Runner's Config.
+func (r *Runner) pluginSource() PluginSource {
+	return PluginSource{Client: r.cfg.Client, Endpoints: r.cfg.PluginEndpoints, Port: r.cfg.PluginPort, HTTP: r.cfg.HTTPClient}
+}
+
 // Targets lists the plugins: Endpoints, or every control-plane Node's
 // InternalIP at Port.
 func (s PluginSource) Targets(ctx context.Context) ([]PluginTarget, error) {

@@ -4,28 +4,67 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
 )
+
+// liveProgress counts the re-encryption of one resource in this process.
+// The lister and the workers add to the counters without a lock; the
+// coordinator folds them into the resource's persisted progress before
+// each save, and the reporter and the metrics read them as they go.
+type liveProgress struct {
+	// base is the resource's progress as persisted when this process
+	// started on it.
+	base ResourceProgress
+
+	// What this process counted.
+	listed, rewritten, current, deleted, conflictsRetried, failed atomic.Int64
+	// estimate is the object count the apiserver announced, or -1.
+	estimate atomic.Int64
+}
+
+func newLiveProgress(base ResourceProgress) *liveProgress {
+	l := &liveProgress{base: base}
+	l.estimate.Store(-1)
+	return l
+}
+
+// fold sets p's counts to base's plus this process's.
+func (l *liveProgress) fold(p *ResourceProgress) {
+	p.Listed = l.base.Listed + l.listed.Load()
+	p.Rewritten = l.base.Rewritten + l.rewritten.Load()
+	p.SkippedCurrent = l.base.SkippedCurrent + l.current.Load()
+	p.SkippedDeleted = l.base.SkippedDeleted + l.deleted.Load()
+	p.ConflictsRetried = l.base.ConflictsRetried + l.conflictsRetried.Load()
+	p.Failed = l.base.Failed + l.failed.Load()
+	p.Estimate = l.base.Estimate
+	if e := l.estimate.Load(); e >= 0 {
+		p.Estimate = e
+	}
+}
+
+// snapshot is the resource's progress now.
+func (l *liveProgress) snapshot() ResourceProgress {
+	p := l.base
+	l.fold(&p)
+	return p
+}
 
 // reporter shows the re-encryption's progress of one resource: a log line
 // every ProgressInterval, and a bar on Progress when it is set.
 type reporter struct {
 	x     *run
 	res   string
-	prog  *ResourceProgress
+	live  *liveProgress
 	start time.Time
-	base  int64
 	done  chan struct{}
 	wg    sync.WaitGroup
 }
 
-func (x *run) newReporter(res string, prog *ResourceProgress) *reporter {
-	x.mu.Lock()
-	base := prog.Rewritten + prog.SkippedCurrent
-	x.mu.Unlock()
-	r := &reporter{x: x, res: res, prog: prog, start: time.Now(), base: base, done: make(chan struct{})}
+func (x *run) newReporter(res string, live *liveProgress) *reporter {
+	r := &reporter{x: x, res: res, live: live, start: time.Now(), done: make(chan struct{})}
 	r.wg.Add(1)
 	go r.loop()
 	return r
@@ -55,32 +94,27 @@ func (r *reporter) loop() {
 		}
 		if time.Since(lastLog) >= r.x.cfg.ProgressInterval {
 			lastLog = time.Now()
-			p := r.snapshot()
+			p := r.live.snapshot()
 			r.x.log.Info("re-encryption progress", zap.String("resource", r.res), zap.Int64("listed", p.Listed),
 				zap.Int64("estimate", p.Estimate), zap.Int64("rewritten", p.Rewritten), zap.Int64("alreadyCurrent", p.SkippedCurrent),
 				zap.Int64("deletedMeanwhile", p.SkippedDeleted), zap.Int64("conflictsRetried", p.ConflictsRetried),
-				zap.Int64("failed", p.Failed), zap.String("rate", fmt.Sprintf("%.0f/s", r.rate(p))))
+				zap.Int64("failed", p.Failed), zap.String("rate", fmt.Sprintf("%.0f/s", r.rate())))
 		}
 	}
 }
 
-func (r *reporter) snapshot() ResourceProgress {
-	r.x.mu.Lock()
-	defer r.x.mu.Unlock()
-	return *r.prog
-}
-
-func (r *reporter) rate(p ResourceProgress) float64 {
+// rate is the objects handled per second by this process.
+func (r *reporter) rate() float64 {
 	el := time.Since(r.start).Seconds()
 	if el <= 0 {
 		return 0
 	}
-	return float64(p.Rewritten+p.SkippedCurrent-r.base) / el
+	return float64(r.live.rewritten.Load()+r.live.current.Load()) / el
 }
 
 // bar draws "secrets [=====>     ] 1200/5000 rewritten 1100 310/s".
 func (r *reporter) bar() {
-	p := r.snapshot()
+	p := r.live.snapshot()
 	doneN := p.Rewritten + p.SkippedCurrent + p.SkippedDeleted + p.Failed
 	total := max(p.Estimate, p.Listed)
 	const width = 30
@@ -93,7 +127,7 @@ func (r *reporter) bar() {
 		bar = strings.Repeat("=", filled-1) + ">" + strings.Repeat(" ", width-filled)
 	}
 	fmt.Fprintf(r.x.cfg.Progress, "\r%-12s [%s] %d/%d  rewritten %d  skipped %d  failed %d  %.0f/s ",
-		r.res, bar, doneN, total, p.Rewritten, p.SkippedCurrent+p.SkippedDeleted, p.Failed, r.rate(p))
+		r.res, bar, doneN, total, p.Rewritten, p.SkippedCurrent+p.SkippedDeleted, p.Failed, r.rate())
 }
 
 func (r *reporter) stop() {

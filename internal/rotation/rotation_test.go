@@ -135,7 +135,7 @@ func TestMinAge(t *testing.T) {
 }
 
 func TestResumeAfterCrash(t *testing.T) {
-	points := []CrashPoint{
+	points := []crashPoint{
 		{Stage: StagePreflight}, {Stage: StageRotate}, {Stage: StageConverge},
 		{Stage: StageReencrypt, Objects: 5}, {Stage: StageReencrypt}, {Stage: StageVerify}, {Stage: StageRetire},
 	}
@@ -148,9 +148,8 @@ func TestResumeAfterCrash(t *testing.T) {
 			c := newCluster(t, clusterOpts{secrets: 20, configmaps: 5})
 			_, _, old := c.versions()
 			cfg := c.config()
-			cfg.CrashAfter = cp
 			crashed := 0
-			cfg.Crash = func() { crashed++ }
+			cfg.Hooks = crashHooks(cp, &crashed)
 			cfg.Identity = "host/ns/111"
 			_, err := runOnce(t, c.runner(cfg))
 			if !errors.Is(err, ErrCrashed) || crashed != 1 {
@@ -501,8 +500,7 @@ func TestSkipsObjectsAlreadyCurrent(t *testing.T) {
 	// (the rotation crashed after rewriting them, say).
 	cfg := c.config()
 	cfg.Resources = []string{"secrets"}
-	cfg.CrashAfter = CrashPoint{Stage: StageConverge}
-	cfg.Crash = func() {}
+	cfg.Hooks = crashHooks(crashPoint{Stage: StageConverge}, new(int))
 	cfg.Identity = "a/b/1"
 	if _, err := runOnce(t, c.runner(cfg)); !errors.Is(err, ErrCrashed) {
 		t.Fatal(err)
@@ -705,25 +703,6 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		tt.mod(&cfg)
 		if _, err := New(cfg); err == nil {
 			t.Errorf("%s: New succeeded", tt.name)
-		}
-	}
-}
-
-func TestParseCrashPoint(t *testing.T) {
-	for in, want := range map[string]CrashPoint{
-		"":             {},
-		"preflight":    {Stage: StagePreflight},
-		"retire":       {Stage: StageRetire},
-		"reencrypt:25": {Stage: StageReencrypt, Objects: 25},
-	} {
-		got, err := ParseCrashPoint(in)
-		if err != nil || got != want {
-			t.Errorf("ParseCrashPoint(%q) = %+v, %v; want %+v", in, got, err, want)
-		}
-	}
-	for _, bad := range []string{"nope", "verify:3", "reencrypt:0", "reencrypt:x"} {
-		if _, err := ParseCrashPoint(bad); err == nil {
-			t.Errorf("ParseCrashPoint(%q) succeeded", bad)
 		}
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
-	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -57,8 +56,9 @@ type Rotation struct {
 	// end.
 	Stage  Stage     `json:"stage"`
 	Status RunStatus `json:"status"`
-	// Provider is the key store kind ("local", "azurekeyvault");
-	// ProviderName the EncryptionConfiguration's kms provider name.
+	// Provider is the key store kind (its provider.Provider Name, such as
+	// local or azurekeyvault); ProviderName the EncryptionConfiguration's
+	// kms provider name.
 	Provider     string `json:"provider"`
 	ProviderName string `json:"providerName"`
 	OldKeyID     string `json:"oldKeyID,omitempty"`
@@ -195,13 +195,12 @@ func (s *State) InProgress() bool {
 	return s.Rotation != nil && s.Rotation.Status != StatusCompleted
 }
 
-// stateStore reads and writes the state ConfigMap. Saves are serialized.
+// stateStore reads and writes the state ConfigMap. It is not safe for
+// concurrent use: a run's driver alone uses it.
 type stateStore struct {
 	client          kubernetes.Interface
 	namespace, name string
-
-	mu     sync.Mutex
-	exists bool // the ConfigMap exists
+	exists          bool // the ConfigMap exists
 }
 
 func (s *stateStore) configMapName() string { return s.name + "-state" }
@@ -220,17 +219,13 @@ func LoadState(ctx context.Context, client kubernetes.Interface, namespace, name
 func (s *stateStore) load(ctx context.Context) (*State, error) {
 	cm, err := s.client.CoreV1().ConfigMaps(s.namespace).Get(ctx, s.configMapName(), metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		s.mu.Lock()
 		s.exists = false
-		s.mu.Unlock()
 		return &State{SchemaVersion: SchemaVersion}, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read state ConfigMap %s/%s: %w", s.namespace, s.configMapName(), err)
 	}
-	s.mu.Lock()
 	s.exists = true
-	s.mu.Unlock()
 	st := &State{}
 	raw, ok := cm.Data[StateKey]
 	if !ok || raw == "" {
@@ -264,8 +259,6 @@ func (s *stateStore) save(ctx context.Context, st *State) error {
 		cm.Data["stage"] = string(st.Rotation.Stage)
 		cm.Data["status"] = string(st.Rotation.Status)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	cms := s.client.CoreV1().ConfigMaps(s.namespace)
 	for attempt := 0; ; attempt++ {
 		if s.exists {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/kms-plugin/kms-plugin/internal/envelope"
@@ -136,4 +137,34 @@ func Verify(ctx context.Context, cfg VerifyConfig) (*Report, error) {
 	}
 	rep.Revision = rev
 	return rep, nil
+}
+
+// verify is the verify stage: it counts stored objects per key_id; every
+// object must be under the new key_id, or the next run re-encrypts again.
+func (x *run) verify(ctx context.Context) (stageResult, error) {
+	if x.cfg.Etcd == nil {
+		return stageResult{skipped: true, note: "no etcd configured: cannot verify, so nothing will be retired"}, nil
+	}
+	rep, err := Verify(ctx, VerifyConfig{
+		Etcd: x.cfg.Etcd, EtcdPrefix: x.cfg.EtcdPrefix, Resources: x.cfg.Resources,
+		ProviderName: x.cfg.ProviderName, ExpectedKeyID: x.rot.NewKeyID, Now: x.cfg.Now,
+	})
+	if err != nil {
+		return stageResult{}, err
+	}
+	x.st.LastVerify = rep
+	if rep.Stale > 0 {
+		// Go back to re-encryption on the next run.
+		x.rot.reset(StageReencrypt)
+		for i := range x.rot.Progress {
+			x.rot.Progress[i].Done, x.rot.Progress[i].Continue = false, ""
+		}
+		return stageResult{}, fmt.Errorf("%d objects are not under the new key_id (hash %s), such as %s; the next run re-encrypts them and verifies again",
+			rep.Stale, envelope.KeyIDHash(rep.ExpectedKeyID), strings.Join(rep.StaleSamples, ", "))
+	}
+	note := fmt.Sprintf("%d objects, all under key_id hash %s", rep.Current, envelope.KeyIDHash(rep.ExpectedKeyID))
+	if rep.Unencrypted > 0 {
+		note += fmt.Sprintf("; %d not encrypted at all (such as %s): they do not depend on any key, and the next re-encryption encrypts them", rep.Unencrypted, strings.Join(rep.UnencryptedSamples, ", "))
+	}
+	return stageResult{note: note}, nil
 }

@@ -1,4 +1,4 @@
-// Command kvbench measures what the azurekeyvault provider costs the vault,
+// Command azure measures what the azurekeyvault provider costs the vault,
 // against the in-repo Key Vault protocol server (kvtest) and the real azkeys
 // and azidentity clients:
 //
@@ -15,7 +15,7 @@
 //     DEK seeds with -latency added to every vault answer, hierarchy on
 //     (local KEKs) and off (every seed wrapped and unwrapped in the vault).
 //
-//     go run ./internal/provider/azurekv/kvbench [-scale 1000] [-seeds 1000] [-latency 20ms] [-out FILE]
+//     go run ./bench/azure [-scale 1000] [-seeds 1000] [-latency 20ms] [-out FILE]
 package main
 
 import (
@@ -42,7 +42,7 @@ import (
 
 func main() {
 	if err := run(os.Args[1:], os.Stdout); err != nil {
-		fmt.Fprintf(os.Stderr, "kvbench: %v\n", err)
+		fmt.Fprintf(os.Stderr, "bench/azure: %v\n", err)
 		os.Exit(1)
 	}
 }
@@ -56,7 +56,7 @@ type options struct {
 }
 
 func run(args []string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("kvbench", flag.ContinueOnError)
+	fs := flag.NewFlagSet("bench/azure", flag.ContinueOnError)
 	var o options
 	fs.IntVar(&o.scale, "scale", 1000, "time compression of the steady-state hour (60 s poll -> 60 s/scale)")
 	fs.IntVar(&o.seeds, "seeds", 1000, "distinct DEK seeds in the cold start")

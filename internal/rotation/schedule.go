@@ -1,0 +1,43 @@
+package rotation
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/kms-plugin/kms-plugin/internal/provider"
+)
+
+// due says whether a new rotation should start now, and why: MinAge after
+// the last completed rotation, or, with none recorded, after the creation
+// of the key store's current version.
+func (r *Runner) due(ctx context.Context, st *State) (bool, string, error) {
+	if r.cfg.MinAge == 0 {
+		return true, "min-age is 0: every run rotates", nil
+	}
+	var (
+		last time.Time
+		what string
+	)
+	if st.LastCompleted != nil {
+		last, what = st.LastCompleted.FinishedAt, "last rotation"
+	} else if vl, ok := r.cfg.Provider.(provider.VersionLister); ok {
+		vs, err := vl.Versions(ctx)
+		if err != nil {
+			return false, "", fmt.Errorf("list key versions for the minimum age: %w", err)
+		}
+		for _, v := range vs {
+			if v.Current && !v.Created.IsZero() {
+				last, what = v.Created, "current key version created"
+			}
+		}
+	}
+	if last.IsZero() {
+		return true, "no rotation recorded and the key store does not date its current version", nil
+	}
+	age := r.cfg.Now().Sub(last)
+	if age < r.cfg.MinAge {
+		return false, fmt.Sprintf("not due: %s %s ago, min-age %s", what, HumanDuration(age), HumanDuration(r.cfg.MinAge)), nil
+	}
+	return true, fmt.Sprintf("due: %s %s ago, min-age %s", what, HumanDuration(age), HumanDuration(r.cfg.MinAge)), nil
+}
