@@ -3,13 +3,21 @@
 // /metrics (Prometheus), /status (JSON read by `kms-plugin rotate` and
 // `kms-plugin status`) and POST /refresh (re-read the key store's current
 // version now, rate-limited). It serves no key material and no request data.
+//
+// On a loopback address it may serve plain HTTP to anyone on the node. On
+// any other address it serves HTTPS only and admits to /status, /refresh
+// (and optionally /metrics) only the requests Config.Authenticate admits;
+// /livez and /readyz stay open for kubelet probes and then say nothing
+// about the key store but whether it is ready.
 package admin
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log"
 	"net"
 	"net/http"
 	"strconv"
@@ -46,10 +54,36 @@ type Config struct {
 	// and the start of the next: POST /refresh sooner than that gets 429.
 	// Default DefaultRefreshMinInterval.
 	RefreshMinInterval time.Duration
-	// Observer records every POST /refresh. Optional.
+	// Observer records every POST /refresh. Optional. When it also
+	// implements AuthObserver, it counts failed authentications too.
 	Observer RefreshObserver
 	// Now returns the current time. Default time.Now.
 	Now func() time.Time
+
+	// TLS, when set, makes the server serve HTTPS only (HTTP/1.1) with a
+	// copy of this configuration, as adminauth.ServerTLS builds it. It
+	// must provide a certificate (Certificates, GetCertificate or
+	// GetConfigForClient). Required, with Authenticate, unless Addr is a
+	// loopback address (adminauth.IsLoopback).
+	TLS *tls.Config
+	// Authenticate, when set, checks each request to /status, /refresh
+	// and, with ProtectMetrics, /metrics before it is served, as
+	// (*adminauth.Authenticator).Authenticate does: nil admits it; an
+	// error wrapping adminauth.ErrForbidden answers 403, one wrapping
+	// adminauth.ErrNoCredential or adminauth.ErrBadCredential answers 401
+	// with "WWW-Authenticate: Bearer", any other 500 (the server could not
+	// check, such as an unreadable token file). The error goes to the log,
+	// never to the client, so it must not hold the credential. With it,
+	// /readyz no longer tells the key store's last error.
+	Authenticate func(*http.Request) error
+	// ProtectMetrics puts /metrics behind Authenticate as well. It needs
+	// Authenticate.
+	ProtectMetrics bool
+	// AuthFailureLogInterval is how often failed authentications are
+	// logged at most per endpoint; the next line carries the count of
+	// those held back. Default DefaultAuthFailureLogInterval. The
+	// AuthObserver counts every one.
+	AuthFailureLogInterval time.Duration
 }
 
 // DefaultRefreshMinInterval is RefreshMinInterval when left zero.
@@ -114,6 +148,12 @@ type Server struct {
 	http *http.Server
 	lis  net.Listener
 
+	// loopbackOnly is set when the server is open to anyone who reaches
+	// it: Listen then refuses an address that is not loopback after all.
+	loopbackOnly bool
+	authFailures *failureLog
+	authObserver AuthObserver // nil without one
+
 	refreshMu   sync.Mutex
 	refreshing  *refreshFlight // the refresh running now, or nil
 	lastRefresh time.Time      // when the last refresh finished
@@ -127,13 +167,26 @@ type refreshFlight struct {
 	waiters int // requests that joined the leader, under Server.refreshMu
 }
 
-// New returns a Server. It opens nothing: call Listen, then Serve.
+// New returns a Server. It opens nothing: call Listen, then Serve. It
+// refuses an Addr other than a loopback address unless TLS and
+// Authenticate are both set.
 func New(cfg Config) (*Server, error) {
 	if cfg.Addr == "" {
 		return nil, errors.New("admin: no address")
 	}
 	if cfg.Stats == nil {
 		return nil, errors.New("admin: no stats source")
+	}
+	loopback, err := checkExposure(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.TLS != nil {
+		cfg.TLS = cfg.TLS.Clone()
+		cfg.TLS.NextProtos = []string{"http/1.1"}
+	}
+	if cfg.AuthFailureLogInterval <= 0 {
+		cfg.AuthFailureLogInterval = DefaultAuthFailureLogInterval
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -144,13 +197,15 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger}
+	s := &Server{cfg: cfg, log: cfg.Logger, loopbackOnly: loopback && (cfg.TLS == nil || cfg.Authenticate == nil)}
+	s.authFailures = newFailureLog(cfg.AuthFailureLogInterval, cfg.Now)
+	s.authObserver, _ = cfg.Observer.(AuthObserver)
 	s.http = &http.Server{
 		Handler:           s.Handler(),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      30 * time.Second,
-		ErrorLog:          zap.NewStdLog(cfg.Logger),
+		ErrorLog:          log.New(&errorLogWriter{log: cfg.Logger, failures: s.authFailures}, "", 0),
 	}
 	return s, nil
 }
@@ -163,12 +218,16 @@ func (s *Server) Handler() http.Handler {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /readyz", s.readyz)
-	mux.HandleFunc("GET /status", s.status)
+	mux.Handle("GET /status", s.guard(endpointStatus, http.HandlerFunc(s.status)))
 	if s.cfg.Refresh != nil {
-		mux.HandleFunc("POST /refresh", s.refresh)
+		mux.Handle("POST /refresh", s.guard(endpointRefresh, http.HandlerFunc(s.refresh)))
 	}
 	if s.cfg.Gatherer != nil {
-		mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{ErrorLog: zap.NewStdLog(s.log)}))
+		var h http.Handler = promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{ErrorLog: zap.NewStdLog(s.log)})
+		if s.cfg.ProtectMetrics {
+			h = s.guard(endpointMetrics, h)
+		}
+		mux.Handle("GET /metrics", h)
 	}
 	return mux
 }
@@ -181,11 +240,22 @@ func (s *Server) Addr() string {
 	return s.lis.Addr().String()
 }
 
-// Listen opens the TCP listener.
+// Listen opens the TCP listener (with TLS when Config.TLS is set). A
+// server without TLS and Authenticate refuses to listen when its loopback
+// name resolved to another address.
 func (s *Server) Listen() error {
 	lis, err := net.Listen("tcp", s.cfg.Addr)
 	if err != nil {
 		return fmt.Errorf("admin: listen on %s: %w", s.cfg.Addr, err)
+	}
+	if s.loopbackOnly {
+		if a, ok := lis.Addr().(*net.TCPAddr); !ok || !a.IP.IsLoopback() {
+			lis.Close()
+			return fmt.Errorf("admin: %s opened %s, not a loopback address: %s", s.cfg.Addr, lis.Addr(), exposureFix(s.cfg))
+		}
+	}
+	if s.cfg.TLS != nil {
+		lis = tls.NewListener(lis, s.cfg.TLS)
 	}
 	s.lis = lis
 	return nil
@@ -225,6 +295,10 @@ func (s *Server) readyz(w http.ResponseWriter, _ *http.Request) {
 	switch {
 	case st.KeyID == "":
 		fmt.Fprintln(w, "not ready: no key-encryption key yet; the key store has not answered since start")
+	case st.LastError != "" && s.cfg.Authenticate != nil:
+		// The error may name the key store's URL and key: it is for
+		// /status, behind authentication, and the log.
+		fmt.Fprintln(w, "not ready: key store poll failed; /status and the plugin's log tell why")
 	case st.LastError != "":
 		fmt.Fprintf(w, "not ready: key store poll failed: %s\n", st.LastError)
 	default:

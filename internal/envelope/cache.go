@@ -4,6 +4,7 @@ import (
 	"container/list"
 	"crypto/cipher"
 	"sync"
+	"time"
 )
 
 // kekCache is a bounded LRU of unwrapped local KEKs, keyed by the SHA-256 of
@@ -21,21 +22,70 @@ type cacheEntry struct {
 	aead          cipher.AEAD
 	remoteVersion string
 	keyID         string
+	// unwrapped is when the entry's key was unwrapped (or made): after the
+	// cache TTL it is unwrapped again, so the store's word on the version
+	// is asked at least that often.
+	unwrapped time.Time
 }
 
 func newKEKCache(capacity int) *kekCache {
 	return &kekCache{capacity: capacity, order: list.New(), entries: make(map[[32]byte]*list.Element)}
 }
 
-func (c *kekCache) get(ref [32]byte) (*cacheEntry, bool) {
+// get returns the entry for ref unless it is missing or older than ttl
+// (then it is dropped).
+func (c *kekCache) get(ref [32]byte, now time.Time, ttl time.Duration) (*cacheEntry, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	el, ok := c.entries[ref]
 	if !ok {
 		return nil, false
 	}
+	e := el.Value.(*cacheEntry)
+	if now.Sub(e.unwrapped) >= ttl {
+		c.order.Remove(el)
+		delete(c.entries, ref)
+		return nil, false
+	}
 	c.order.MoveToFront(el)
-	return el.Value.(*cacheEntry), true
+	return e, true
+}
+
+// versions returns the distinct remote versions of the cached entries.
+func (c *kekCache) versions() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	seen := make(map[string]bool)
+	var out []string
+	for el := c.order.Front(); el != nil; el = el.Next() {
+		if v := el.Value.(*cacheEntry).remoteVersion; !seen[v] {
+			seen[v] = true
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// evict drops every entry whose remote version is in versions and returns
+// how many it dropped.
+func (c *kekCache) evict(versions []string) int {
+	drop := make(map[string]bool, len(versions))
+	for _, v := range versions {
+		drop[v] = true
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for el := c.order.Front(); el != nil; {
+		next := el.Next()
+		if e := el.Value.(*cacheEntry); drop[e.remoteVersion] {
+			c.order.Remove(el)
+			delete(c.entries, e.ref)
+			n++
+		}
+		el = next
+	}
+	return n
 }
 
 func (c *kekCache) add(e *cacheEntry) {

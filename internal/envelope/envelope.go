@@ -46,6 +46,11 @@ var (
 	ErrNotReady = errors.New("no key-encryption key yet")
 )
 
+// ErrRevoked means the key store reported the version of the current local
+// KEK disabled, expired or deleted, and no usable version replaced it: the
+// plugin encrypts nothing until one does (gRPC FailedPrecondition).
+var ErrRevoked = fmt.Errorf("%w: the key store revoked the current key version and reports no usable one", provider.ErrKeyDisabled)
+
 var errKeyIDMismatch = fmt.Errorf("%w: key_id does not belong to the key that wrapped this ciphertext (unknown key_id, or ciphertext moved to another key_id)", ErrInvalidInput)
 
 // Defaults for Config fields left zero.
@@ -55,6 +60,7 @@ const (
 	DefaultKEKMaxAge     = 7 * 24 * time.Hour
 	DefaultKEKMaxUses    = 1 << 20
 	DefaultCacheSize     = 10000
+	DefaultCacheTTL      = 3 * time.Hour
 	DefaultRemoteTimeout = 10 * time.Second
 
 	// hardKEKMaxUses is where a local KEK stops encrypting even when a new
@@ -78,6 +84,10 @@ type Config struct {
 	KEKMaxUses uint64
 	// CacheSize bounds the number of unwrapped local KEKs kept. Default 10000.
 	CacheSize int
+	// CacheTTL bounds how long an unwrapped local KEK is kept: after it, the
+	// next Decrypt that needs it unwraps it again, so the store's word on
+	// its version counts at least that often. Default 3 h.
+	CacheTTL time.Duration
 	// RemoteTimeout bounds each call to the provider. Default 10 s. The
 	// unwrap a Decrypt starts runs on its own deadline of this length, so a
 	// caller that gives up does not cancel it for the others waiting on it.
@@ -121,6 +131,7 @@ type Service struct {
 	flights flights
 	guard   *unwrapGuard
 	health  atomic.Pointer[health]
+	wake    chan struct{} // Status asks Run to poll now while not ready
 
 	cacheHits, cacheMisses, unwraps, keksCreated   atomic.Uint64
 	negativeHits, unwrapFailures, unwrapsThrottled atomic.Uint64
@@ -142,6 +153,9 @@ type health struct {
 	success       time.Time
 	err           error
 	remoteVersion string
+	// revoked is set when the store reported the current version unusable
+	// and the active local KEK was dropped.
+	revoked error
 }
 
 // New returns a Service. It makes no remote call: call Refresh or Run.
@@ -165,6 +179,9 @@ func New(cfg Config) (*Service, error) {
 	cfg.KEKMaxUses = min(cfg.KEKMaxUses, hardKEKMaxUses)
 	if cfg.CacheSize <= 0 {
 		cfg.CacheSize = DefaultCacheSize
+	}
+	if cfg.CacheTTL <= 0 {
+		cfg.CacheTTL = DefaultCacheTTL
 	}
 	if cfg.RemoteTimeout <= 0 {
 		cfg.RemoteTimeout = DefaultRemoteTimeout
@@ -199,30 +216,78 @@ func New(cfg Config) (*Service, error) {
 		log:      cfg.Logger,
 		cache:    newKEKCache(cfg.CacheSize),
 		guard:    newUnwrapGuard(cfg),
+		wake:     make(chan struct{}, 1),
 	}
 	s.health.Store(&health{})
 	return s, nil
 }
 
 // Run polls the provider until ctx ends: every PollInterval, or every
-// RetryInterval after a failure. It returns nil when ctx is canceled.
+// RetryInterval after a failure (sooner when the store's error says when to
+// retry, such as a circuit breaker's half-open time). While no local KEK
+// exists, a Status call wakes it up early, at most once a second, so a
+// plugin started during an outage recovers within seconds of the store. A
+// Refresh made just before Run counts as its first poll. Run returns nil
+// when ctx is canceled.
 func (s *Service) Run(ctx context.Context) error {
+	wait := time.Duration(0)
+	if h := s.health.Load(); !h.attempt.IsZero() {
+		wait = s.nextPollIn(h.err)
+	}
 	for {
-		wait := s.cfg.PollInterval
-		if err := s.Refresh(ctx); err != nil {
-			if ctx.Err() != nil {
+		if wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-ctx.Done():
+				t.Stop()
 				return nil
+			case <-t.C:
+			case <-s.wake:
+				t.Stop()
 			}
-			s.log.Warn("key store poll failed; serving from the current local KEK", zap.Error(err), zap.Duration("retryIn", s.cfg.RetryInterval))
-			wait = s.cfg.RetryInterval
 		}
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		err := s.Refresh(ctx)
+		if err != nil && ctx.Err() != nil {
 			return nil
-		case <-t.C:
 		}
+		wait = s.nextPollIn(err)
+		if err != nil {
+			msg := "key store poll failed; serving from the current local KEK"
+			if s.active.Load() == nil {
+				msg = "key store poll failed; no local KEK yet, so Encrypt is refused until the store answers"
+			}
+			s.log.Warn(msg, zap.Error(err), zap.Duration("retryIn", wait))
+		}
+	}
+}
+
+// minWakeInterval is the least time between two polls started by Status
+// calls while not ready.
+const minWakeInterval = time.Second
+
+// nextPollIn is the wait before the next poll after one that returned err.
+func (s *Service) nextPollIn(err error) time.Duration {
+	if err == nil {
+		return s.cfg.PollInterval
+	}
+	wait := s.cfg.RetryInterval
+	var ra interface{ RetryAfter() time.Duration }
+	if errors.As(err, &ra) {
+		if d := ra.RetryAfter(); d > 0 && d < wait {
+			wait = max(d, minWakeInterval/10)
+		}
+	}
+	return wait
+}
+
+// wakeUp makes Run poll now unless it polled less than minWakeInterval ago.
+func (s *Service) wakeUp() {
+	if h := s.health.Load(); s.cfg.Now().Sub(h.attempt) < minWakeInterval {
+		return
+	}
+	select {
+	case s.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -253,17 +318,66 @@ func (s *Service) Refresh(ctx context.Context) error {
 			_, err = s.newLocalKEK(rctx, a)
 		}
 	}
+	if err == nil {
+		err = s.dropRevoked(rctx)
+	}
 	if err != nil && ctx.Err() != nil {
 		return fmt.Errorf("refresh: %w", err)
 	}
-	h := &health{attempt: attempt, success: prev.success, err: err, remoteVersion: prev.remoteVersion}
-	if err == nil {
-		h.success, h.remoteVersion = attempt, version
+	h := &health{attempt: attempt, success: prev.success, err: err, remoteVersion: prev.remoteVersion, revoked: prev.revoked}
+	switch {
+	case err == nil:
+		if prev.revoked != nil {
+			// The store answers again after a revocation (a version was
+			// re-enabled or made): what it refused may be usable now.
+			s.guard.neg.clear()
+		}
+		h.success, h.remoteVersion, h.revoked = attempt, version, nil
+	case revocation(err):
+		// Not an outage: the store says the key may not be used. Stop
+		// encrypting with it and forget what it unwrapped.
+		if a := s.active.Swap(nil); a != nil {
+			n := s.cache.evict([]string{a.entry.remoteVersion})
+			s.log.Warn("the key store revoked the current key version; encrypting nothing until a usable version exists",
+				zap.String("keyIDHash", KeyIDHash(a.entry.keyID)), zap.Int("evicted", n), zap.Error(err))
+		}
+		h.revoked = err
 	}
 	s.health.Store(h)
 	if err != nil {
 		return fmt.Errorf("refresh: %w", err)
 	}
+	return nil
+}
+
+// revocation reports whether a poll error is the store's word that the key
+// may not be used (not an outage, which keeps the current local KEK).
+func revocation(err error) bool {
+	return errors.Is(err, provider.ErrKeyDisabled) || errors.Is(err, provider.ErrKeyNotFound)
+}
+
+// dropRevoked asks a provider.VersionChecker which versions of the cached
+// local KEKs it revoked and evicts them, so revocation reaches running
+// nodes within one poll. An error of the check is returned; the cache is
+// then left as it is.
+func (s *Service) dropRevoked(ctx context.Context) error {
+	vc, ok := s.provider.(provider.VersionChecker)
+	if !ok {
+		return nil
+	}
+	versions := s.cache.versions()
+	if len(versions) == 0 {
+		return nil
+	}
+	revoked, err := vc.RevokedVersions(ctx, versions)
+	if err != nil {
+		return fmt.Errorf("check cached key versions: %w", err)
+	}
+	if len(revoked) == 0 {
+		return nil
+	}
+	n := s.cache.evict(revoked)
+	s.log.Info("dropped local KEKs of key versions the store revoked", zap.Int("evicted", n), zap.Int("versions", len(revoked)))
 	return nil
 }
 
@@ -302,6 +416,7 @@ func (s *Service) newLocalKEK(ctx context.Context, old *localKEK) (*localKEK, er
 		aead:          aead,
 		remoteVersion: w.Version,
 		keyID:         DeriveKeyID(s.provider.Name(), w.Version),
+		unwrapped:     s.cfg.Now(),
 	}
 	s.cache.add(e)
 	next := &localKEK{entry: e, annotation: annotation, created: s.cfg.Now()}
@@ -325,6 +440,10 @@ func (s *Service) newLocalKEK(ctx context.Context, old *localKEK) (*localKEK, er
 func (s *Service) Status(ctx context.Context) (*kmsservice.StatusResponse, error) {
 	a := s.active.Load()
 	if a == nil {
+		s.wakeUp()
+		if s.health.Load().revoked != nil {
+			return &kmsservice.StatusResponse{Version: "v2", Healthz: "not ready: the key store revoked the current key version and reports no usable one", KeyID: "revoked"}, nil
+		}
 		return &kmsservice.StatusResponse{Version: "v2", Healthz: "not ready: the key store has not answered since start", KeyID: "pending"}, nil
 	}
 	return &kmsservice.StatusResponse{Version: "v2", Healthz: "ok", KeyID: a.entry.keyID}, nil
@@ -366,6 +485,9 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (*k
 func (s *Service) kekForEncrypt(ctx context.Context) (*localKEK, error) {
 	a := s.active.Load()
 	if a == nil {
+		if s.health.Load().revoked != nil {
+			return nil, ErrRevoked
+		}
 		return nil, ErrNotReady
 	}
 	uses := a.uses.Add(1)
@@ -466,7 +588,7 @@ func (s *Service) cached(ref [32]byte) (*cacheEntry, bool) {
 		s.cacheHits.Add(1)
 		return a.entry, true
 	}
-	if e, ok := s.cache.get(ref); ok {
+	if e, ok := s.cache.get(ref, s.cfg.Now(), s.cfg.CacheTTL); ok {
 		s.cacheHits.Add(1)
 		return e, true
 	}
@@ -510,7 +632,7 @@ func (s *Service) lookup(ctx context.Context, ref [32]byte, w provider.WrappedKe
 // acquired. Only a successful unwrap enters the cache; a refusal enters the
 // negative cache.
 func (s *Service) unwrap(ctx context.Context, ref [32]byte, w provider.WrappedKey) (*cacheEntry, error) {
-	if e, ok := s.cache.get(ref); ok { // filled while this flight was starting
+	if e, ok := s.cache.get(ref, s.cfg.Now(), s.cfg.CacheTTL); ok { // filled while this flight was starting
 		return e, nil
 	}
 	if err, ok := s.guard.neg.get(ref, s.cfg.Now()); ok { // refused while this flight was starting
@@ -536,7 +658,7 @@ func (s *Service) unwrap(ctx context.Context, ref [32]byte, w provider.WrappedKe
 	if err != nil {
 		return nil, err
 	}
-	e := &cacheEntry{ref: ref, aead: aead, remoteVersion: w.Version, keyID: DeriveKeyID(s.provider.Name(), w.Version)}
+	e := &cacheEntry{ref: ref, aead: aead, remoteVersion: w.Version, keyID: DeriveKeyID(s.provider.Name(), w.Version), unwrapped: s.cfg.Now()}
 	s.cache.add(e)
 	return e, nil
 }

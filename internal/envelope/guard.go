@@ -135,6 +135,14 @@ func (c *negativeCache) add(ref [32]byte, err error, now time.Time) {
 	}
 }
 
+// clear forgets every remembered failure.
+func (c *negativeCache) clear() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.order.Init()
+	clear(c.entries)
+}
+
 // len returns the number of remembered failures, expired ones included.
 func (c *negativeCache) len() int {
 	c.mu.Lock()

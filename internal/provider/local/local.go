@@ -471,9 +471,12 @@ func hasKey(info *tinkpb.KeysetInfo, id uint32) bool {
 
 func formatVersion(id uint32) string { return strconv.FormatUint(uint64(id), 10) }
 
+// parseVersion accepts exactly one spelling per version, the one
+// formatVersion writes (decimal, no sign, no leading zeros), so that a
+// forged variant of a genuine version never reaches the keyset.
 func parseVersion(v string) (uint32, error) {
 	id, err := strconv.ParseUint(v, 10, 32)
-	if err != nil {
+	if err != nil || formatVersion(uint32(id)) != v {
 		return 0, fmt.Errorf("version %q is not a local keyset key ID: %w", v, provider.ErrKeyNotFound)
 	}
 	return uint32(id), nil
