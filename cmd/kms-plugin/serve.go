@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/kms-plugin/kms-plugin/internal/adminauth"
 	"github.com/kms-plugin/kms-plugin/internal/config"
 	"github.com/kms-plugin/kms-plugin/internal/logging"
 	"github.com/kms-plugin/kms-plugin/internal/plugin"
@@ -28,6 +29,10 @@ func configFlags(fs *flag.FlagSet) func() (config.Config, error) {
 	socketGroup := fs.String("socket-group", "", "group (name or gid) given to the socket, which then gets mode 0660")
 	prov := fs.String("provider", def.Provider, "key store: "+stores.Usage())
 	httpAddr := fs.String("http-addr", def.HTTPAddr, "HOST:PORT for /livez, /readyz, /metrics, /status and /refresh (empty disables)")
+	tlsCert := fs.String("http-tls-cert-file", "", "admin port: serving certificate (PEM); makes it HTTPS. Required off loopback")
+	tlsKey := fs.String("http-tls-key-file", "", "admin port: serving certificate's key (PEM)")
+	clientCA := fs.String("http-client-ca-file", "", "admin port: CA whose client certificates (CommonName kms-plugin-admin) may call /status and /refresh")
+	tokenFile := fs.String("http-token-file", "", "admin port: file holding the bearer token for /status and /refresh (mode 0600)")
 	poll := fs.Duration("provider-poll-interval", def.ProviderPollInterval.Duration, "how often to ask the key store for its current key version")
 	maxAge := fs.Duration("kek-max-age", def.KEK.MaxAge.Duration, "replace the local KEK after this age")
 	maxUses := fs.Uint64("kek-max-uses", def.KEK.MaxUses, "replace the local KEK after this many encryptions")
@@ -55,6 +60,14 @@ func configFlags(fs *flag.FlagSet) func() (config.Config, error) {
 				cfg.Provider = *prov
 			case "http-addr":
 				cfg.HTTPAddr = *httpAddr
+			case "http-tls-cert-file":
+				cfg.HTTPTLS.CertFile = *tlsCert
+			case "http-tls-key-file":
+				cfg.HTTPTLS.KeyFile = *tlsKey
+			case "http-client-ca-file":
+				cfg.HTTPTLS.ClientCAFile = *clientCA
+			case "http-token-file":
+				cfg.HTTPAuth.TokenFile = *tokenFile
 			case "provider-poll-interval":
 				cfg.ProviderPollInterval.Duration = *poll
 			case "kek-max-age":
@@ -120,10 +133,16 @@ func serve(ctx context.Context, cfg config.Config, log *zap.Logger) error {
 		return err
 	}
 	p, err := plugin.New(plugin.Config{
-		Provider:        store,
-		Endpoint:        cfg.Endpoint,
-		SocketGroup:     cfg.SocketGroup,
-		HTTPAddr:        cfg.HTTPAddr,
+		Provider:    store,
+		Endpoint:    cfg.Endpoint,
+		SocketGroup: cfg.SocketGroup,
+		HTTPAddr:    cfg.HTTPAddr,
+		AdminTLS: adminauth.ServerConfig{
+			CertFile: cfg.HTTPTLS.CertFile, KeyFile: cfg.HTTPTLS.KeyFile,
+			ClientCAFile: cfg.HTTPTLS.ClientCAFile, ClientNames: cfg.HTTPTLS.ClientNames,
+			TokenFile: cfg.HTTPAuth.TokenFile,
+		},
+		ProtectMetrics:  cfg.HTTPAuth.ProtectMetrics,
 		PollInterval:    cfg.ProviderPollInterval.Duration,
 		KEKMaxAge:       cfg.KEK.MaxAge.Duration,
 		KEKMaxUses:      cfg.KEK.MaxUses,

@@ -40,6 +40,13 @@ type Config struct {
 	// HTTPAddr is where /livez, /readyz, /metrics, /status and /refresh listen.
 	// Empty disables the HTTP server.
 	HTTPAddr string `json:"httpAddr"`
+	// HTTPTLS serves the admin port over HTTPS and names who may call
+	// /status and /refresh with a client certificate. Required, with
+	// HTTPAuth or a client CA, when HTTPAddr is not a loopback address.
+	HTTPTLS HTTPTLSConfig `json:"httpTLS,omitzero"`
+	// HTTPAuth accepts a bearer token for /status and /refresh (and
+	// /metrics when ProtectMetrics).
+	HTTPAuth HTTPAuthConfig `json:"httpAuth,omitzero"`
 	// ProviderPollInterval is how often the key store is asked for its
 	// current key version.
 	ProviderPollInterval Duration `json:"providerPollInterval"`
@@ -56,6 +63,28 @@ type Config struct {
 	// registry fills the keys in, and decodes and validates the configured
 	// store's section.
 	Sections map[string]json.RawMessage `json:"-"`
+}
+
+// HTTPTLSConfig is the admin port's TLS: a serving certificate (re-read
+// when it changes on disk) and, optionally, the CA whose client
+// certificates with one of ClientNames as CommonName may call /status and
+// /refresh.
+type HTTPTLSConfig struct {
+	CertFile     string `json:"certFile,omitempty"`
+	KeyFile      string `json:"keyFile,omitempty"`
+	ClientCAFile string `json:"clientCAFile,omitempty"`
+	// ClientNames are the accepted client certificate CommonNames. Default
+	// kms-plugin-admin.
+	ClientNames []string `json:"clientNames,omitempty"`
+}
+
+// HTTPAuthConfig is the admin port's bearer token.
+type HTTPAuthConfig struct {
+	// TokenFile holds the token (mode 0600 or 0400, owned by the plugin's
+	// user or root); it is re-read when it changes.
+	TokenFile string `json:"tokenFile,omitempty"`
+	// ProtectMetrics requires the credential for /metrics too.
+	ProtectMetrics bool `json:"protectMetrics,omitempty"`
 }
 
 // KEKConfig bounds local KEKs.
@@ -218,6 +247,24 @@ func (c Config) Validate() error {
 		if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
 			bad("httpAddr", "%q is not HOST:PORT", c.HTTPAddr)
 		}
+	}
+	abs := func(field, path string) {
+		if path != "" && !filepath.IsAbs(path) {
+			bad(field, "%q must be an absolute path", path)
+		}
+	}
+	abs("httpTLS.certFile", c.HTTPTLS.CertFile)
+	abs("httpTLS.keyFile", c.HTTPTLS.KeyFile)
+	abs("httpTLS.clientCAFile", c.HTTPTLS.ClientCAFile)
+	abs("httpAuth.tokenFile", c.HTTPAuth.TokenFile)
+	if (c.HTTPTLS.CertFile == "") != (c.HTTPTLS.KeyFile == "") {
+		bad("httpTLS.keyFile", "httpTLS.certFile and httpTLS.keyFile go together")
+	}
+	if c.HTTPTLS.CertFile == "" && (c.HTTPTLS.ClientCAFile != "" || c.HTTPAuth.TokenFile != "") {
+		bad("httpTLS.certFile", "required with httpTLS.clientCAFile or httpAuth.tokenFile: credentials are only accepted over HTTPS")
+	}
+	if c.HTTPAuth.ProtectMetrics && c.HTTPTLS.ClientCAFile == "" && c.HTTPAuth.TokenFile == "" {
+		bad("httpAuth.protectMetrics", "needs httpTLS.clientCAFile or httpAuth.tokenFile")
 	}
 	if d := c.ProviderPollInterval.Duration; d < time.Second || d > 24*time.Hour {
 		bad("providerPollInterval", "%s is outside 1s..24h", d)

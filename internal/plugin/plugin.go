@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kms-plugin/kms-plugin/internal/admin"
+	"github.com/kms-plugin/kms-plugin/internal/adminauth"
 	"github.com/kms-plugin/kms-plugin/internal/config"
 	"github.com/kms-plugin/kms-plugin/internal/envelope"
 	"github.com/kms-plugin/kms-plugin/internal/metrics"
@@ -39,6 +40,12 @@ type Config struct {
 	// HTTPAddr is HOST:PORT for /livez, /readyz, /metrics, /status and
 	// POST /refresh. Empty: no admin HTTP server.
 	HTTPAddr string
+	// AdminTLS, when it names a serving certificate, makes the admin port
+	// HTTPS, and its client CA and token file authenticate /status and
+	// /refresh (and /metrics with ProtectMetrics). The admin server refuses
+	// a non-loopback HTTPAddr without both.
+	AdminTLS       adminauth.ServerConfig
+	ProtectMetrics bool
 
 	// PollInterval is how often the key store is asked for its current key
 	// version. Default envelope.DefaultPollInterval.
@@ -137,20 +144,46 @@ func New(cfg Config) (*Plugin, error) {
 	p := &Plugin{cfg: cfg, log: log, svc: svc, grpc: grpcSrv, ready: make(chan struct{})}
 	if cfg.HTTPAddr != "" {
 		httpLog := log.Named("http")
-		p.admin, err = admin.New(admin.Config{
-			Addr:     cfg.HTTPAddr,
-			Stats:    svc.Stats,
-			Gatherer: cfg.Gatherer,
-			Version:  cfg.Version,
-			Logger:   httpLog,
-			Refresh:  requestedRefresh(svc, httpLog),
-			Observer: m,
-		})
-		if err != nil {
+		ac := admin.Config{
+			Addr:           cfg.HTTPAddr,
+			Stats:          svc.Stats,
+			Gatherer:       cfg.Gatherer,
+			Version:        cfg.Version,
+			Logger:         httpLog,
+			Refresh:        requestedRefresh(svc, httpLog),
+			Observer:       m,
+			ProtectMetrics: cfg.ProtectMetrics,
+		}
+		if err := adminSecurity(&ac, cfg.AdminTLS, httpLog); err != nil {
+			return nil, err
+		}
+		if p.admin, err = admin.New(ac); err != nil {
 			return nil, err
 		}
 	}
 	return p, nil
+}
+
+// adminSecurity sets the admin server's TLS and authentication from sc:
+// HTTPS when sc names a serving certificate, and an authenticator when it
+// names a client CA or a token file.
+func adminSecurity(ac *admin.Config, sc adminauth.ServerConfig, log *zap.Logger) error {
+	sc.Logger = log
+	if sc.CertFile != "" || sc.KeyFile != "" {
+		tc, err := adminauth.ServerTLS(sc)
+		if err != nil {
+			return fmt.Errorf("plugin: admin TLS: %w", err)
+		}
+		ac.TLS = tc
+	}
+	if sc.ClientCAFile != "" || sc.TokenFile != "" {
+		a, err := adminauth.NewAuthenticator(sc)
+		if err != nil {
+			return fmt.Errorf("plugin: admin authentication: %w", err)
+		}
+		ac.Authenticate = a.Authenticate
+	}
+	return nil
 }
 
 // Ready is closed once Run has opened the socket (and the admin port) and
