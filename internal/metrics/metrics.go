@@ -25,10 +25,15 @@ type Metrics struct {
 	calls        *prometheus.CounterVec
 	callDuration *prometheus.HistogramVec
 	refreshes    *prometheus.CounterVec
+	authFailures *prometheus.CounterVec
 }
 
 // refreshResults are the result label values of refresh_requests_total.
 var refreshResults = []string{"ok", "error", "throttled"}
+
+// authEndpoints are the endpoint label values of
+// admin_auth_failures_total: the admin endpoints that require a credential.
+var authEndpoints = []string{"status", "refresh", "metrics"}
 
 // New creates the metrics and registers them, with Go runtime and process
 // collectors and a collector reading stats at every scrape, on reg.
@@ -56,12 +61,19 @@ func New(reg prometheus.Registerer, stats func() envelope.Stats) (*Metrics, erro
 			Namespace: namespace, Name: "refresh_requests_total",
 			Help: "POST /refresh requests by result (ok, error, throttled).",
 		}, []string{"result"}),
+		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "admin_auth_failures_total",
+			Help: "Admin HTTP requests refused for a missing, wrong or not admitted credential, by endpoint (status, refresh, metrics).",
+		}, []string{"endpoint"}),
+	}
+	for _, e := range authEndpoints {
+		m.authFailures.WithLabelValues(e)
 	}
 	for _, r := range refreshResults {
 		m.refreshes.WithLabelValues(r) // export zeros before the first request
 	}
 	for _, c := range []prometheus.Collector{
-		m.rpcs, m.rpcDuration, m.calls, m.callDuration, m.refreshes,
+		m.rpcs, m.rpcDuration, m.calls, m.callDuration, m.refreshes, m.authFailures,
 		&statsCollector{stats: stats},
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
@@ -87,6 +99,16 @@ func (m *Metrics) ObserveRefresh(result string) {
 		result = "error"
 	}
 	m.refreshes.WithLabelValues(result).Inc()
+}
+
+// ObserveAuthFailure records one admin request refused for its credential.
+// An endpoint outside status, refresh and metrics is counted as status, so
+// the label stays bounded.
+func (m *Metrics) ObserveAuthFailure(endpoint string) {
+	if !slices.Contains(authEndpoints, endpoint) {
+		endpoint = "status"
+	}
+	m.authFailures.WithLabelValues(endpoint).Inc()
 }
 
 // Outcome classifies a provider error into a bounded label value.

@@ -155,3 +155,24 @@ kms_plugin_negative_cache_entries 1
 		t.Fatal(err)
 	}
 }
+
+func TestAuthFailureMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m, err := New(reg, func() envelope.Stats { return envelope.Stats{} })
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.ObserveAuthFailure("refresh")
+	m.ObserveAuthFailure("refresh")
+	m.ObserveAuthFailure("/etc/passwd") // not an endpoint: bounded to status
+	want := `
+# HELP kms_plugin_admin_auth_failures_total Admin HTTP requests refused for a missing, wrong or not admitted credential, by endpoint (status, refresh, metrics).
+# TYPE kms_plugin_admin_auth_failures_total counter
+kms_plugin_admin_auth_failures_total{endpoint="metrics"} 0
+kms_plugin_admin_auth_failures_total{endpoint="refresh"} 2
+kms_plugin_admin_auth_failures_total{endpoint="status"} 1
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "kms_plugin_admin_auth_failures_total"); err != nil {
+		t.Fatal(err)
+	}
+}

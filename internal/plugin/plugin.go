@@ -186,6 +186,9 @@ func adminSecurity(ac *admin.Config, sc adminauth.ServerConfig, log *zap.Logger)
 	return nil
 }
 
+// Stats returns the key hierarchy's state, as /status reports it.
+func (p *Plugin) Stats() envelope.Stats { return p.svc.Stats() }
+
 // Ready is closed once Run has opened the socket (and the admin port) and
 // the plugin answers requests. It stays open if Run fails before that.
 func (p *Plugin) Ready() <-chan struct{} { return p.ready }
