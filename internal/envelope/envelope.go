@@ -135,6 +135,7 @@ type Service struct {
 
 	cacheHits, cacheMisses, unwraps, keksCreated   atomic.Uint64
 	negativeHits, unwrapFailures, unwrapsThrottled atomic.Uint64
+	versionsRefused                                atomic.Uint64
 }
 
 var _ kmsservice.Service = (*Service)(nil)
@@ -526,6 +527,14 @@ func (s *Service) Decrypt(ctx context.Context, uid string, req *kmsservice.Decry
 	ref := sha256.Sum256(annotation)
 	e, ok := s.cached(ref)
 	if !ok {
+		// A spelling of the version the store never writes is forged: refuse
+		// it before it costs a remote call or a place in the unwrap limits.
+		if vv, isVV := s.provider.(provider.VersionValidator); isVV {
+			if err := vv.ValidVersion(remoteVersion); err != nil {
+				s.versionsRefused.Add(1)
+				return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
+			}
+		}
 		// Check the key_id before any remote call; a cached entry carries
 		// the key_id derived from the same annotation, so a hit compares
 		// with it instead.
@@ -698,7 +707,10 @@ type Stats struct {
 	UnwrapFailures   uint64
 	NegativeHits     uint64
 	UnwrapsThrottled uint64
-	NegativeEntries  int
+	// VersionsRefused counts the Decrypts refused for a version spelling
+	// the store never writes, before any remote call.
+	VersionsRefused uint64
+	NegativeEntries int
 }
 
 // Stats returns a snapshot. Ready means a local KEK exists, the last poll of
@@ -721,6 +733,7 @@ func (s *Service) Stats() Stats {
 		UnwrapFailures:   s.unwrapFailures.Load(),
 		NegativeHits:     s.negativeHits.Load(),
 		UnwrapsThrottled: s.unwrapsThrottled.Load(),
+		VersionsRefused:  s.versionsRefused.Load(),
 		NegativeEntries:  s.guard.neg.len(),
 	}
 	if h.err != nil {

@@ -133,7 +133,10 @@ func Outcome(err error) string {
 	}
 }
 
-// InstrumentProvider returns p with every call counted and timed.
+// InstrumentProvider returns p with every call counted and timed. The
+// result keeps p's provider.VersionChecker and provider.VersionValidator:
+// when p has them it forwards to them, else it answers that nothing is
+// revoked and every version is valid, as a store without them means.
 func (m *Metrics) InstrumentProvider(p provider.Provider) provider.Provider {
 	return &instrumented{Provider: p, m: m, name: p.Name()}
 }
@@ -191,7 +194,7 @@ var (
 	descLastSuccess = prometheus.NewDesc(namespace+"_provider_last_success_timestamp_seconds",
 		"Unix time of the last successful key store poll.", nil, nil)
 	descUnwrapsAvoided = prometheus.NewDesc(namespace+"_decrypt_unwraps_avoided_total",
-		"Decrypt cache misses answered without a remote unwrap, by reason: negative_cache (the same wrapped KEK was refused moments ago) or throttled (the unwrap rate or concurrency limit was reached).", []string{"reason"}, nil)
+		"Decrypt cache misses answered without a remote unwrap, by reason: invalid_version (a spelling of the key version the store never writes), negative_cache (the same wrapped KEK was refused moments ago) or throttled (the unwrap rate or concurrency limit was reached).", []string{"reason"}, nil)
 	descNegativeEntries = prometheus.NewDesc(namespace+"_negative_cache_entries",
 		"Refused wrapped local KEKs remembered.", nil, nil)
 )
@@ -211,6 +214,7 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descKEKUses, prometheus.GaugeValue, float64(st.LocalKEKUses))
 	ch <- prometheus.MustNewConstMetric(descUnwrapsAvoided, prometheus.CounterValue, float64(st.NegativeHits), "negative_cache")
 	ch <- prometheus.MustNewConstMetric(descUnwrapsAvoided, prometheus.CounterValue, float64(st.UnwrapsThrottled), "throttled")
+	ch <- prometheus.MustNewConstMetric(descUnwrapsAvoided, prometheus.CounterValue, float64(st.VersionsRefused), "invalid_version")
 	ch <- prometheus.MustNewConstMetric(descNegativeEntries, prometheus.GaugeValue, float64(st.NegativeEntries))
 	if st.KeyID != "" {
 		ch <- prometheus.MustNewConstMetric(descKeyID, prometheus.GaugeValue, 1, st.Provider, envelope.KeyIDHash(st.KeyID))
@@ -223,4 +227,31 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	if !st.LastSuccess.IsZero() {
 		ch <- prometheus.MustNewConstMetric(descLastSuccess, prometheus.GaugeValue, float64(st.LastSuccess.UnixNano())/1e9)
 	}
+}
+
+var (
+	_ provider.VersionChecker   = (*instrumented)(nil)
+	_ provider.VersionValidator = (*instrumented)(nil)
+)
+
+// RevokedVersions implements provider.VersionChecker for the stores that
+// have it (operation check_versions); others revoke nothing.
+func (i *instrumented) RevokedVersions(ctx context.Context, versions []string) (revoked []string, err error) {
+	vc, ok := i.Provider.(provider.VersionChecker)
+	if !ok {
+		return nil, nil
+	}
+	start := time.Now()
+	defer func() { i.observe("check_versions", start, err) }()
+	return vc.RevokedVersions(ctx, versions)
+}
+
+// ValidVersion implements provider.VersionValidator for the stores that
+// have it; for others every version is valid. It is not counted: it makes
+// no call.
+func (i *instrumented) ValidVersion(version string) error {
+	if vv, ok := i.Provider.(provider.VersionValidator); ok {
+		return vv.ValidVersion(version)
+	}
+	return nil
 }

@@ -143,8 +143,9 @@ func TestUnwrapsAvoidedMetrics(t *testing.T) {
 		}
 	}
 	want := `
-# HELP kms_plugin_decrypt_unwraps_avoided_total Decrypt cache misses answered without a remote unwrap, by reason: negative_cache (the same wrapped KEK was refused moments ago) or throttled (the unwrap rate or concurrency limit was reached).
+# HELP kms_plugin_decrypt_unwraps_avoided_total Decrypt cache misses answered without a remote unwrap, by reason: invalid_version (a spelling of the key version the store never writes), negative_cache (the same wrapped KEK was refused moments ago) or throttled (the unwrap rate or concurrency limit was reached).
 # TYPE kms_plugin_decrypt_unwraps_avoided_total counter
+kms_plugin_decrypt_unwraps_avoided_total{reason="invalid_version"} 0
 kms_plugin_decrypt_unwraps_avoided_total{reason="negative_cache"} 2
 kms_plugin_decrypt_unwraps_avoided_total{reason="throttled"} 0
 # HELP kms_plugin_negative_cache_entries Refused wrapped local KEKs remembered.

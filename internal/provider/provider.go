@@ -277,3 +277,15 @@ type VersionChecker interface {
 	// what it has.
 	RevokedVersions(ctx context.Context, versions []string) ([]string, error)
 }
+
+// VersionValidator is a store that can tell, without calling the key
+// store, whether a version string is spelled exactly as the store writes
+// its versions. The plugin asks it before anything else about a wrapped
+// key, so that a forged spelling of a genuine version (leading zeros, a
+// fragment the store would ignore) is refused at once and costs neither a
+// remote call nor a place in the unwrap limits.
+type VersionValidator interface {
+	// ValidVersion returns nil for a canonical version, else an error
+	// wrapping ErrKeyNotFound that says what is wrong. It makes no call.
+	ValidVersion(version string) error
+}

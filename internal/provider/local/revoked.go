@@ -32,3 +32,12 @@ func (p *Provider) RevokedVersions(ctx context.Context, versions []string) ([]st
 	}
 	return out, nil
 }
+
+// ValidVersion implements provider.VersionValidator: a local version is a
+// key ID in decimal, spelled exactly as this provider writes it.
+func (p *Provider) ValidVersion(version string) error {
+	if _, err := parseVersion(version); err != nil {
+		return fmt.Errorf("local: %w", err)
+	}
+	return nil
+}
