@@ -1,3 +1,5 @@
+//go:build !serveonly
+
 package main
 
 import (
@@ -5,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -36,6 +39,18 @@ type nodeFlags struct {
 	paths        install.Paths
 	providerName string
 	skipAPI      bool
+	keepBackups  int
+}
+
+// keep returns install.Config.KeepBackups for --keep-backups.
+func (n *nodeFlags) keep() (int, error) {
+	switch {
+	case n.keepBackups < 0:
+		return 0, fmt.Errorf("--keep-backups: %d is negative (0 keeps every backup)", n.keepBackups)
+	case n.keepBackups == 0:
+		return -1, nil
+	}
+	return n.keepBackups, nil
 }
 
 func addNodeFlags(fs *flag.FlagSet) *nodeFlags {
@@ -48,10 +63,19 @@ func addNodeFlags(fs *flag.FlagSet) *nodeFlags {
 	fs.StringVar(&n.paths.SystemdUnit, "systemd-unit", def.SystemdUnit, "the plugin's systemd unit (mode systemd)")
 	fs.StringVar(&n.paths.EncryptionConfig, "encryption-config", def.EncryptionConfig, "kube-apiserver's EncryptionConfiguration")
 	fs.StringVar(&n.paths.KubeAPIServer, "kube-apiserver-manifest", def.KubeAPIServer, "kube-apiserver's static pod manifest, patched in place")
-	fs.StringVar(&n.paths.BackupDir, "backup-dir", def.BackupDir, "directory for timestamped backups of replaced files")
+	fs.StringVar(&n.paths.BackupDir, "backup-dir", def.BackupDir, "directory for timestamped backups of replaced files (sensitive: they can hold keys)")
+	fs.IntVar(&n.keepBackups, "keep-backups", install.DefaultKeepBackups, "how many backups to keep in --backup-dir, the newest; 0 keeps every one")
 	fs.StringVar(&n.providerName, "provider-name", install.DefaultProviderName, "name of the kms provider in the EncryptionConfiguration (part of every stored object's prefix)")
 	fs.BoolVar(&n.skipAPI, "skip-kube-apiserver", false, "leave kube-apiserver's manifest alone (kubeadm's ClusterConfiguration carries the flags and mounts)")
 	return n
+}
+
+// checkRoot fails unless --root is a directory.
+func (n *nodeFlags) checkRoot() error {
+	if info, err := os.Stat(n.root); err != nil || !info.IsDir() {
+		return fmt.Errorf("--root %s is not a directory", n.root)
+	}
+	return nil
 }
 
 func runInstall(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -78,8 +102,30 @@ again changes nothing; --dry-run shows the diff.
 	fs.Var(&resources, "resources", "resources to encrypt, comma-separated (default secrets)")
 	mounts := listFlag{}
 	fs.Var(&mounts, "mount", "host path mounted read-only into the plugin's pod, such as a key store credential (repeatable)")
+	def := install.DefaultPaths()
+	fs.StringVar(&node.paths.ClusterCACert, "admin-ca-cert", def.ClusterCACert, "cluster CA certificate, under --root: signs the admin port's certificates when httpAddr is not loopback, and is its client CA")
+	fs.StringVar(&node.paths.ClusterCAKey, "admin-ca-key", def.ClusterCAKey, "cluster CA key, under --root (only read)")
+	adminIPs := listFlag{}
+	fs.Var(&adminIPs, "admin-ip", "this node's address for the admin port's serving certificate, comma-separated or repeated (default: httpAddr's)")
+	hostname, _ := os.Hostname()
+	adminHostname := fs.String("admin-hostname", strings.ToLower(hostname), "DNS name for the admin port's serving certificate; empty for none")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	if err := node.checkRoot(); err != nil {
+		return err
+	}
+	keep, err := node.keep()
+	if err != nil {
+		return err
+	}
+	var ips []net.IP
+	for _, s := range adminIPs {
+		ip := net.ParseIP(s)
+		if ip == nil {
+			return fmt.Errorf("--admin-ip: %q is not an IP address", s)
+		}
+		ips = append(ips, ip)
 	}
 
 	cfg := install.Config{
@@ -93,6 +139,9 @@ again changes nothing; --dry-run shows the diff.
 		Timeout:           *timeout,
 		SkipKubeAPIServer: node.skipAPI,
 		ExtraMounts:       mounts,
+		KeepBackups:       keep,
+		AdminIPs:          ips,
+		AdminHostname:     *adminHostname,
 	}
 	if *configFile != "" {
 		data, err := os.ReadFile(*configFile)
@@ -159,6 +208,13 @@ object readable:
 	if len(endpoints) == 0 {
 		endpoints = listFlag{"https://127.0.0.1:2379"}
 	}
+	if err := node.checkRoot(); err != nil {
+		return err
+	}
+	keep, err := node.keep()
+	if err != nil {
+		return err
+	}
 
 	in, err := install.New(install.Config{
 		FS:                install.DirFS(node.root),
@@ -166,6 +222,7 @@ object readable:
 		ProviderName:      node.providerName,
 		SkipKubeAPIServer: node.skipAPI,
 		Mode:              install.ModeSystemd, // no image needed to take it off
+		KeepBackups:       keep,
 	})
 	if err != nil {
 		return err
@@ -238,6 +295,12 @@ func carryOut(in *install.Installer, plan *install.Plan, dryRun bool, op string,
 	}
 	if res.BackupDir != "" {
 		fmt.Fprintf(stdout, "%s: previous files backed up in %s\n", op, res.BackupDir)
+	}
+	if len(res.Pruned) > 0 {
+		fmt.Fprintf(stdout, "%s: removed %d older backups (--keep-backups)\n", op, len(res.Pruned))
+	}
+	if res.PruneErr != nil {
+		fmt.Fprintf(stderr, "%s: warning: %v\n", op, res.PruneErr)
 	}
 	printNotes(stdout, plan.Notes)
 	return nil

@@ -1,13 +1,18 @@
 package main
 
 import (
+	"crypto/x509"
+	"encoding/pem"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/kms-plugin/kms-plugin/internal/adminauth"
+	"github.com/kms-plugin/kms-plugin/internal/adminauth/adminauthtest"
 	"github.com/kms-plugin/kms-plugin/internal/provider/azurekv"
 )
 
@@ -129,10 +134,14 @@ func TestInstallCommandErrors(t *testing.T) {
 		{"missing config", []string{"install", "--config", "/nonexistent/config.yaml"}, "no such file"},
 		{"stray argument", []string{"install", "now"}, "unexpected arguments"},
 		{"uninstall without kube-apiserver", []string{"uninstall"}, "does not exist"},
+		{"negative --keep-backups", []string{"install", "--keep-backups", "-1"}, "--keep-backups: -1 is negative (0 keeps every backup)"},
+		{"bad --admin-ip", []string{"install", "--admin-ip", "node-1"}, `--admin-ip: "node-1" is not an IP address`},
+		{"root not a directory", []string{"install", "--root", "/dev/null"}, "--root /dev/null is not a directory"},
+		{"uninstall root not a directory", []string{"uninstall", "--root", "/nonexistent"}, "--root /nonexistent is not a directory"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			root := nodeRoot(t, "", nil)
-			_, errOut, err := runCmd(t, append(tt.args, "--root", root)...)
+			_, errOut, err := runCmd(t, append([]string{tt.args[0], "--root", root}, tt.args[1:]...)...)
 			if err == nil {
 				t.Fatal("no error")
 			}
@@ -283,5 +292,148 @@ func TestInstallMountsAzureCredentials(t *testing.T) {
 				t.Fatalf("static pod does not mount %s read-only:\n%s", tt.want, pod)
 			}
 		})
+	}
+}
+
+// TestInstallCommandAdminCredentials installs a plugin whose admin port
+// listens on the node's address, on a kubeadm node with its cluster CA (an
+// RSA key in PKCS#1, as kubeadm writes it): --dry-run shows the
+// certificates and no key, the real run issues them for the node's
+// addresses and rotate's client, a second run changes nothing, and
+// without the CA key install refuses in one line.
+func TestInstallCommandAdminCredentials(t *testing.T) {
+	ca := adminauthtest.NewCA(t, "kubernetes", adminauthtest.RSAPKCS1)
+	pki := map[string]string{"/etc/kubernetes/pki/ca.crt": string(ca.CertPEM), "/etc/kubernetes/pki/ca.key": string(ca.KeyPEM)}
+	cfgFile := filepath.Join(t.TempDir(), "config.yaml")
+	config := "endpoint: unix:///var/run/kmsplugin/socket.sock\nprovider: local\nlocal:\n  keysetPath: /etc/kubernetes/kms-plugin/keyset.json\nhttpAddr: 10.0.0.5:8787\n"
+	if err := os.WriteFile(cfgFile, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	root := nodeRoot(t, "kube-apiserver.yaml", pki)
+	args := []string{"install", "--root", root, "--config", cfgFile, "--image", "x", "--admin-ip", "192.0.2.7", "--admin-hostname", "CP-1"}
+
+	out, errOut, err := runCmd(t, append(args, "--dry-run")...)
+	if err != nil {
+		t.Fatal(err, errOut)
+	}
+	for _, want := range []string{
+		"+++ /etc/kubernetes/kms-plugin/admin/tls.crt\n", "+-----BEGIN CERTIFICATE-----\n",
+		"# /etc/kubernetes/kms-plugin/admin/tls.key: key material, not shown\n",
+		"# /etc/kubernetes/kms-plugin/admin/client.key: key material, not shown\n",
+		"+  clientCAFile: /etc/kubernetes/pki/ca.crt\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("dry-run output lacks %q", want)
+		}
+	}
+	if strings.Contains(out+errOut, "PRIVATE KEY") {
+		t.Error("dry-run output shows a private key")
+	}
+	if _, err := os.Stat(filepath.Join(root, "/etc/kubernetes/kms-plugin")); !os.IsNotExist(err) {
+		t.Fatal("dry-run wrote the plugin's files")
+	}
+
+	out, _, err = runCmd(t, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, "install: wrote /etc/kubernetes/kms-plugin/admin/client.key") ||
+		!strings.Contains(out, "--plugin-ca-file=/etc/kubernetes/pki/ca.crt --plugin-cert-file=/etc/kubernetes/kms-plugin/admin/client.crt --plugin-key-file=/etc/kubernetes/kms-plugin/admin/client.key") {
+		t.Errorf("output does not tell about the client certificate:\n%s", out)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.Cert)
+	for _, tt := range []struct {
+		file  string
+		usage x509.ExtKeyUsage
+		names []string
+	}{
+		{"tls.crt", x509.ExtKeyUsageServerAuth, []string{"cp-1", "10.0.0.5", "192.0.2.7", "127.0.0.1"}},
+		{"client.crt", x509.ExtKeyUsageClientAuth, nil},
+	} {
+		block, _ := pem.Decode([]byte(readNode(t, root, "/etc/kubernetes/kms-plugin/admin/"+tt.file)))
+		if block == nil {
+			t.Fatalf("%s holds no PEM", tt.file)
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{tt.usage}}); err != nil {
+			t.Errorf("%s: %v", tt.file, err)
+		}
+		var names []string
+		names = append(names, c.DNSNames...)
+		for _, ip := range c.IPAddresses {
+			names = append(names, ip.String())
+		}
+		if !slices.Equal(names, tt.names) {
+			t.Errorf("%s names %v; want %v", tt.file, names, tt.names)
+		}
+		if tt.usage == x509.ExtKeyUsageClientAuth && c.Subject.CommonName != adminauth.DefaultClientName {
+			t.Errorf("%s: CommonName %q", tt.file, c.Subject.CommonName)
+		}
+	}
+	for _, f := range []string{"tls.crt", "tls.key", "client.crt", "client.key"} {
+		if info, err := os.Stat(filepath.Join(root, "/etc/kubernetes/kms-plugin/admin", f)); err != nil || info.Mode().Perm() != 0o600 {
+			t.Errorf("%s: %v, %v; want mode 0600", f, info, err)
+		}
+	}
+	if out, _, err = runCmd(t, args...); err != nil || !strings.Contains(out, "no changes") {
+		t.Fatalf("second install: %v, %q; want no changes", err, out)
+	}
+
+	// An external CA: only its certificate is on the node.
+	bare := nodeRoot(t, "kube-apiserver.yaml", map[string]string{"/etc/kubernetes/pki/ca.crt": string(ca.CertPEM)})
+	_, _, err = runCmd(t, append(slices.Clone(args), "--root", bare)...)
+	if err == nil || strings.Contains(err.Error(), "\n") || !strings.Contains(err.Error(), "/etc/kubernetes/pki/ca.key does not exist (external CA?)") {
+		t.Fatalf("install without the CA key: %v; want a one-line refusal", err)
+	}
+	// --admin-ca-key names another key, under --root.
+	_, _, err = runCmd(t, append(slices.Clone(args), "--root", bare, "--admin-ca-key", "/srv/ca.key")...)
+	if err == nil || !strings.Contains(err.Error(), "/srv/ca.key does not exist") {
+		t.Fatalf("--admin-ca-key: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(bare, "/etc/kubernetes/kms-plugin")); !os.IsNotExist(err) {
+		t.Error("the refused install wrote the plugin's files")
+	}
+}
+
+// TestInstallCommandKeepBackups changes the node again and again with
+// --keep-backups 2: two backups remain; --keep-backups 0 keeps them all.
+func TestInstallCommandKeepBackups(t *testing.T) {
+	root := nodeRoot(t, "kube-apiserver.yaml", nil)
+	backups := filepath.Join(root, "/var/lib/kms-plugin/backup")
+	count := func() int {
+		entries, err := os.ReadDir(backups)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(entries)
+	}
+	timeouts := []string{"4s", "5s"} // each run changes the EncryptionConfiguration
+	for n := range 4 {
+		out, _, err := runCmd(t, "install", "--root", root, "--image", "x", "--keep-backups", "2", "--kms-timeout", timeouts[n%2])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n >= 2 && !strings.Contains(out, "install: removed 1 older backups (--keep-backups)") {
+			t.Errorf("run %d output lacks the pruning:\n%s", n, out)
+		}
+	}
+	if got := count(); got != 2 {
+		t.Errorf("%d backups after --keep-backups 2; want 2", got)
+	}
+	for n := range 2 {
+		if _, _, err := runCmd(t, "install", "--root", root, "--image", "x", "--keep-backups", "0", "--kms-timeout", timeouts[n%2]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := count(); got != 4 {
+		t.Errorf("%d backups after --keep-backups 0; want 4", got)
+	}
+	info, err := os.Stat(backups)
+	if err != nil || info.Mode().Perm() != 0o700 {
+		t.Errorf("backup directory: %v, %v; want mode 0700", info, err)
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io/fs"
 	"path/filepath"
-	"strconv"
 	"time"
 )
 
@@ -30,6 +29,9 @@ type Change struct {
 	// Sensitive marks files that may hold key material (an
 	// EncryptionConfiguration with aescbc keys): Diff redacts secrets.
 	Sensitive bool
+	// Secret marks files that are key material as a whole (a private
+	// key): Diff names them and shows none of their content.
+	Secret bool
 	// Restyled tells that the file's YAML formatting changes beyond the
 	// edits themselves (its style could not be reproduced); its content
 	// and comments are kept.
@@ -71,6 +73,10 @@ func (p *Plan) Diff() []byte {
 		if c.Remove {
 			newName = "/dev/null"
 		}
+		if c.Secret {
+			fmt.Fprintf(&buf, "--- %s\n+++ %s\n# %s: key material, not shown\n", oldName, newName, c.Path)
+			continue
+		}
 		d := unifiedDiff(oldName, newName, c.Old, c.New, 3)
 		if c.Sensitive {
 			d = redactSecrets(d)
@@ -91,6 +97,11 @@ type Result struct {
 	// Written and Removed list the changed files.
 	Written []string
 	Removed []string
+	// Pruned lists the older backup directories removed after the change,
+	// beyond Config.KeepBackups. PruneErr is why pruning stopped, if it
+	// did; the change itself succeeded.
+	Pruned   []string
+	PruneErr error
 }
 
 // Apply carries out a plan. It first checks that every file still holds
@@ -98,7 +109,9 @@ type Result struct {
 // remove into a new backup directory, then changes the files one by one,
 // each atomically. If a change fails, the files already changed are
 // restored (from memory; the backup directory stays as a second copy) and
-// directories it created are removed, so the node is left as it was.
+// directories it created are removed, so the node is left as it was. After
+// a successful change, the oldest backup directories beyond
+// Config.KeepBackups are removed.
 func (i *Installer) Apply(p *Plan) (*Result, error) {
 	res := &Result{}
 	if p.Empty() {
@@ -151,6 +164,7 @@ func (i *Installer) Apply(p *Plan) (*Result, error) {
 			res.Written = append(res.Written, c.Path)
 		}
 	}
+	res.Pruned, res.PruneErr = i.pruneBackups(backupDir)
 	return res, nil
 }
 
@@ -174,68 +188,6 @@ func rollback(fsys FS, changes []Change, createdDirs []string) error {
 		fsys.Remove(createdDirs[n]) //nolint:errcheck // not empty means something else uses it
 	}
 	return errors.Join(errs...)
-}
-
-// backup copies every existing file of the plan under a new directory
-// named after the current time, and returns that directory ("" when no
-// file existed). On failure it removes what it wrote.
-func (i *Installer) backup(p *Plan) (dir string, err error) {
-	exists := false
-	for _, c := range p.Changes {
-		exists = exists || c.Existed
-	}
-	if !exists {
-		return "", nil
-	}
-	fsys := i.cfg.FS
-	var created []string // directories and files, in creation order
-	defer func() {
-		if err != nil {
-			for n := len(created) - 1; n >= 0; n-- {
-				fsys.Remove(created[n]) //nolint:errcheck // best effort: a leftover backup harms nothing
-			}
-			err = fmt.Errorf("backup: %w; nothing was changed", err)
-		}
-	}()
-	dirs, err := mkdirAll(fsys, i.cfg.Paths.BackupDir, 0o700)
-	created = append(created, dirs...)
-	if err != nil {
-		return "", err
-	}
-	stamp := i.cfg.Now().UTC().Format("20060102T150405Z")
-	for n := 0; ; n++ {
-		dir = filepath.Join(i.cfg.Paths.BackupDir, stamp)
-		if n > 0 {
-			dir += "." + strconv.Itoa(n)
-		}
-		err := fsys.Mkdir(dir, 0o700)
-		if err == nil {
-			created = append(created, dir)
-			break
-		}
-		if !errors.Is(err, fs.ErrExist) || n > 100 {
-			return "", fmt.Errorf("create %s: %w", dir, err)
-		}
-	}
-	for _, c := range p.Changes {
-		if !c.Existed {
-			continue
-		}
-		dst := filepath.Join(dir, c.Path)
-		dirs, err := mkdirAll(fsys, filepath.Dir(dst), 0o700)
-		created = append(created, dirs...)
-		if err != nil {
-			return "", err
-		}
-		err = writeAtomic(fsys, dst, c.Old, 0o600)
-		if _, statErr := fsys.Stat(dst); statErr == nil {
-			created = append(created, dst)
-		}
-		if err != nil {
-			return "", err
-		}
-	}
-	return dir, nil
 }
 
 // defaultNow is the real clock.

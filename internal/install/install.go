@@ -6,7 +6,9 @@
 // the providers that applied before kept after it for reads, identity last
 // while plaintext may remain), and patches kube-apiserver's static pod
 // manifest: --encryption-provider-config, automatic reload, and hostPath
-// mounts for the config and socket directories. Uninstall runs in two
+// mounts for the config and socket directories. When the plugin's admin
+// port is not on loopback, install also issues its serving certificate and
+// rotate's client certificate from the cluster CA. Uninstall runs in two
 // stages that keep every stored object readable: first writes go back to
 // the provider used before (identity when none) while the plugin still
 // serves reads; after stored objects are rewritten, --finalize checks etcd
@@ -16,7 +18,9 @@
 // everything, writes nothing, and can be shown as a unified diff. Applying a
 // plan backs up every file it replaces, writes each atomically (temporary
 // file, fsync, rename), and if a write fails restores the files already
-// replaced. Planning again after applying gives an empty plan.
+// replaced, and keeps only the newest backups. Planning again after
+// applying gives an empty plan. Every path is confined to the node root
+// (os.Root): no symlink leads out of it, and no file is written through one.
 package install
 
 import (
@@ -25,6 +29,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -76,6 +81,15 @@ type Paths struct {
 	// outside the manifest directory on purpose: kubelet would run a
 	// backed-up manifest.
 	BackupDir string
+	// AdminDir receives the admin port's certificates and keys that
+	// install issues (tls.crt, tls.key, client.crt, client.key) when the
+	// plugin's httpAddr is not loopback.
+	AdminDir string
+	// ClusterCACert and ClusterCAKey are the cluster CA that signs them
+	// (kubeadm's); the certificate is also the plugin's client CA. The key
+	// is only read.
+	ClusterCACert string
+	ClusterCAKey  string
 }
 
 // DefaultPaths returns the kubeadm layout.
@@ -87,6 +101,9 @@ func DefaultPaths() Paths {
 		EncryptionConfig: "/etc/kubernetes/enc/encryption-config.yaml",
 		KubeAPIServer:    "/etc/kubernetes/manifests/kube-apiserver.yaml",
 		BackupDir:        "/var/lib/kms-plugin/backup",
+		AdminDir:         "/etc/kubernetes/kms-plugin/admin",
+		ClusterCACert:    "/etc/kubernetes/pki/ca.crt",
+		ClusterCAKey:     "/etc/kubernetes/pki/ca.key",
 	}
 }
 
@@ -129,6 +146,17 @@ type Config struct {
 	// ExtraMounts are host files or directories (credentials of a key
 	// store) mounted read-only at the same path into the plugin's pod.
 	ExtraMounts []string
+	// KeepBackups is how many backup directories Apply keeps, the newest,
+	// counting the one it makes: 0 means DefaultKeepBackups, a negative
+	// value keeps every one.
+	KeepBackups int
+	// AdminIPs are this node's addresses, put in the admin port's serving
+	// certificate (with httpAddr's own address and 127.0.0.1) when install
+	// issues it. Needed when httpAddr listens on every address.
+	AdminIPs []net.IP
+	// AdminHostname, when set, is a DNS name in that certificate too; it
+	// must then be one (checked only when a certificate is issued).
+	AdminHostname string
 }
 
 // Installer plans and applies install and uninstall on one node.
@@ -157,6 +185,9 @@ func New(cfg Config) (*Installer, error) {
 		{&cfg.Paths.EncryptionConfig, &def.EncryptionConfig},
 		{&cfg.Paths.KubeAPIServer, &def.KubeAPIServer},
 		{&cfg.Paths.BackupDir, &def.BackupDir},
+		{&cfg.Paths.AdminDir, &def.AdminDir},
+		{&cfg.Paths.ClusterCACert, &def.ClusterCACert},
+		{&cfg.Paths.ClusterCAKey, &def.ClusterCAKey},
 	} {
 		if *p.v == "" {
 			*p.v = *p.d
@@ -174,12 +205,17 @@ func New(cfg Config) (*Installer, error) {
 	if cfg.Timeout == 0 {
 		cfg.Timeout = DefaultTimeout
 	}
+	if cfg.KeepBackups == 0 {
+		cfg.KeepBackups = DefaultKeepBackups
+	}
 	cfg.Resources = slices.Clone(cfg.Resources)
 	if len(cfg.Resources) == 0 {
 		cfg.Resources = DefaultResources()
 	}
 	cfg.ExtraMounts = slices.Clone(cfg.ExtraMounts)
 	cfg.PluginConfig = slices.Clone(cfg.PluginConfig)
+	cfg.AdminIPs = slices.Clone(cfg.AdminIPs)
+	cfg.AdminHostname = strings.ToLower(cfg.AdminHostname)
 
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
@@ -190,6 +226,9 @@ func New(cfg Config) (*Installer, error) {
 		{"encryption config path", cfg.Paths.EncryptionConfig},
 		{"kube-apiserver manifest path", cfg.Paths.KubeAPIServer},
 		{"backup directory", cfg.Paths.BackupDir},
+		{"admin directory", cfg.Paths.AdminDir},
+		{"cluster CA certificate", cfg.Paths.ClusterCACert},
+		{"cluster CA key", cfg.Paths.ClusterCAKey},
 		{"binary", cfg.Binary},
 	} {
 		if err := hostPath(p.name, p.v); err != nil {
@@ -223,6 +262,11 @@ func New(cfg Config) (*Installer, error) {
 			errs = append(errs, err)
 		}
 	}
+	for _, ip := range cfg.AdminIPs {
+		if ip == nil || ip.IsUnspecified() {
+			bad("admin IP: %v is not an address of this node", ip)
+		}
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("install: %w", err)
 	}
@@ -237,6 +281,10 @@ type pluginSettings struct {
 	socketPath string
 	socketDir  string
 	endpoint   string
+	// admin says who provides the admin port's TLS (adminCredentials).
+	admin adminSource
+	// restyled: raw's layout differs from the given file's beyond edits.
+	restyled bool
 }
 
 // pluginConfig picks the plugin config to install and validates it.
@@ -351,12 +399,21 @@ func (i *Installer) planInstall() (*Plan, error) {
 		}
 	}
 
+	// The admin port's certificates, before the config that names them.
+	ps, adminChanges, adminNotes, err := i.adminCredentials(ps)
+	if err != nil {
+		return nil, err
+	}
+	for _, c := range adminChanges {
+		plan.add(c)
+	}
+
 	// The plugin's own files.
 	old, oldPerm, ok, err := readOptional(i.cfg.FS, paths.PluginConfig)
 	if err != nil {
 		return nil, err
 	}
-	plan.add(Change{Path: paths.PluginConfig, Existed: ok, Old: old, OldPerm: oldPerm, New: ps.raw, Perm: 0o600})
+	plan.add(Change{Path: paths.PluginConfig, Existed: ok, Old: old, OldPerm: oldPerm, New: ps.raw, Perm: 0o600, Restyled: ps.restyled && ok})
 
 	var unit, pod []byte
 	switch i.cfg.Mode {
@@ -423,6 +480,7 @@ func (i *Installer) planInstall() (*Plan, error) {
 		plan.add(apiChange)
 	}
 
+	plan.Notes = append(plan.Notes, adminNotes...)
 	plan.Notes = append(plan.Notes, i.installNotes(ps)...)
 	return plan, nil
 }

@@ -1,6 +1,7 @@
 package install
 
 import (
+	"net"
 	"strings"
 	"testing"
 )
@@ -214,6 +215,8 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		{"wildcard resource", Config{Image: "x", Resources: []string{"*.*"}}, "wildcards are not supported"},
 		{"bad timeout", Config{Image: "x", Timeout: -1}, "timeout: -1ns is outside"},
 		{"relative mount", Config{Image: "x", ExtraMounts: []string{"azure.json"}}, "extra mount"},
+		{"unspecified admin IP", Config{Image: "x", AdminIPs: []net.IP{net.IPv4zero}}, "admin IP: 0.0.0.0 is not an address of this node"},
+		{"relative CA path", Config{Image: "x", Paths: Paths{ClusterCAKey: "pki/ca.key"}}, `cluster CA key: "pki/ca.key" must be a clean absolute path`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := New(tt.cfg)
@@ -276,7 +279,10 @@ func TestInstallModes(t *testing.T) {
 	// A custom config on a fresh node: keyset elsewhere, credentials
 	// mounted, two resources.
 	root = kubeadmRoot(t, fixture)
-	custom := "endpoint: unix:///run/kms/kms.sock\nprovider: local\nlocal:\n  keysetPath: /var/lib/kms/keyset.json\nhttpAddr: 0.0.0.0:9000\n"
+	// httpAddr off loopback with the config's own admin credentials
+	// (install keeps them; TestAdminCredentials covers issuing them).
+	custom := "endpoint: unix:///run/kms/kms.sock\nprovider: local\nlocal:\n  keysetPath: /var/lib/kms/keyset.json\nhttpAddr: 0.0.0.0:9000\n" +
+		"httpTLS:\n  certFile: /etc/kms/tls.crt\n  keyFile: /etc/kms/tls.key\nhttpAuth:\n  tokenFile: /etc/kms/token\n"
 	in = newInstaller(t, root, func(c *Config) {
 		c.PluginConfig = []byte(custom)
 		c.ExtraMounts = []string{"/etc/kubernetes/azure.json"}

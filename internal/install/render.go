@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -51,7 +52,40 @@ func pluginMounts(cfg Config, ps pluginSettings) []pluginMount {
 	for n, p := range cfg.ExtraMounts {
 		mounts = append(mounts, pluginMount{name: "extra-" + strconv.Itoa(n), path: p, readOnly: true})
 	}
-	return mounts
+	return append(mounts, adminMounts(cfg, ps)...)
+}
+
+// adminMounts lists the admin port's credential files, read-only: the
+// directory of those install issues (a directory, so that renewed files
+// replaced by rename are seen) and the cluster CA certificate alone (never
+// its directory, which holds the CA key); or the files the plugin config
+// names itself, those outside the config directory and the extra mounts
+// (a file mounted alone keeps showing the old file once replaced by
+// rename: mounting its directory with ExtraMounts avoids that).
+func adminMounts(cfg Config, ps pluginSettings) []pluginMount {
+	switch ps.admin {
+	case adminIssued:
+		return []pluginMount{
+			{name: "admin-tls", path: cfg.Paths.AdminDir, readOnly: true, typ: corev1.HostPathDirectory},
+			{name: "admin-client-ca", path: cfg.Paths.ClusterCACert, readOnly: true, typ: corev1.HostPathFile},
+		}
+	case adminOwn:
+		var mounts []pluginMount
+		var seen []string
+		t, a := ps.cfg.HTTPTLS, ps.cfg.HTTPAuth
+		for _, f := range []struct{ name, path string }{
+			{"admin-cert", t.CertFile}, {"admin-key", t.KeyFile}, {"admin-client-ca", t.ClientCAFile}, {"admin-token", a.TokenFile},
+		} {
+			covered := slices.ContainsFunc(append([]string{filepath.Dir(cfg.Paths.PluginConfig)}, cfg.ExtraMounts...), func(dir string) bool { return within(f.path, dir) })
+			if f.path == "" || covered || slices.Contains(seen, f.path) {
+				continue
+			}
+			seen = append(seen, f.path)
+			mounts = append(mounts, pluginMount{name: f.name, path: f.path, readOnly: true, typ: corev1.HostPathFile})
+		}
+		return mounts
+	}
+	return nil
 }
 
 // within reports whether path is dir or below it.
@@ -87,8 +121,12 @@ func renderStaticPod(cfg Config, ps pluginSettings) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	var scheme corev1.URIScheme // HTTP
+	if ps.cfg.HTTPTLS.CertFile != "" {
+		scheme = corev1.URISchemeHTTPS // kubelet does not check the certificate
+	}
 	probe := func(path string) corev1.ProbeHandler {
-		return corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Host: host, Path: path, Port: intstr.FromInt32(int32(port))}}
+		return corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Host: host, Path: path, Port: intstr.FromInt32(int32(port)), Scheme: scheme}}
 	}
 	falseVal, trueVal, root := false, true, int64(0)
 	pod := corev1.Pod{

@@ -165,12 +165,16 @@ func (i *Installer) planUninstall(ctx context.Context, opts UninstallOptions) (*
 		plan.add(apiChange)
 	}
 	plan.add(ecChange)
-	for _, p := range []string{paths.StaticPod, paths.SystemdUnit, paths.PluginConfig} {
+	// The admin credentials install issued go too: the client certificate
+	// is signed by the cluster CA.
+	admin := adminPaths(paths.AdminDir)
+	for _, p := range []string{paths.StaticPod, paths.SystemdUnit, paths.PluginConfig, admin.cert, admin.key, admin.clientCert, admin.clientKey} {
 		old, perm, ok, err := readOptional(i.cfg.FS, p)
 		if err != nil {
 			return nil, err
 		}
-		plan.add(Change{Path: p, Existed: ok, Old: old, OldPerm: perm, Remove: true})
+		secret := p == admin.key || p == admin.clientKey
+		plan.add(Change{Path: p, Existed: ok, Old: old, OldPerm: perm, Remove: true, Secret: secret})
 		if ok && p == paths.SystemdUnit {
 			plan.Notes = append(plan.Notes, fmt.Sprintf("stop the plugin: systemctl disable --now %s && systemctl daemon-reload", filepath.Base(p)))
 		}
