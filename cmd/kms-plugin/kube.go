@@ -1,38 +1,23 @@
+//go:build !serveonly
+
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
+	"net/http"
 	"os"
 	"strings"
+	"time"
 
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/kms-plugin/kms-plugin/internal/adminauth"
 	"github.com/kms-plugin/kms-plugin/internal/etcdscan"
 	"github.com/kms-plugin/kms-plugin/internal/install"
 	"github.com/kms-plugin/kms-plugin/internal/rotation"
 )
-
-// exitError carries a process exit code other than 1.
-type exitError struct {
-	code int
-	err  error
-}
-
-func (e *exitError) Error() string { return e.err.Error() }
-func (e *exitError) Unwrap() error { return e.err }
-
-// exitCode is the process exit code for an error returned by run: 1, or the
-// code an exitError carries.
-func exitCode(err error) int {
-	var ee *exitError
-	if errors.As(err, &ee) {
-		return ee.code
-	}
-	return 1
-}
 
 // restConfig builds the client configuration: --kubeconfig when given, else
 // the in-cluster service account, else $KUBECONFIG or ~/.kube/config.
@@ -51,6 +36,42 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 		return nil, fmt.Errorf("no cluster to talk to: not in a cluster, and kubeconfig: %w (use --kubeconfig)", err)
 	}
 	return cfg, nil
+}
+
+// pluginTimeout bounds each request to a plugin's admin port.
+const pluginTimeout = 5 * time.Second
+
+// pluginFlags are the credentials rotate, status and verify present to the
+// plugins' admin ports (internal/adminauth), when those serve HTTPS with
+// client certificates or a bearer token.
+type pluginFlags struct {
+	caFile, certFile, keyFile, serverName, tokenFile *string
+}
+
+func addPluginFlags(fs *flag.FlagSet) *pluginFlags {
+	return &pluginFlags{
+		caFile:     fs.String("plugin-ca-file", "", "CA certificate (PEM) of the plugins' admin serving certificates: plugins found from the Nodes are asked over https, every https endpoint is verified against it alone"),
+		certFile:   fs.String("plugin-cert-file", "", "client certificate (PEM, CommonName kms-plugin-admin) presented to the plugins; needs --plugin-ca-file and --plugin-key-file"),
+		keyFile:    fs.String("plugin-key-file", "", "key (PEM) of --plugin-cert-file"),
+		serverName: fs.String("plugin-server-name", "", "name the plugins' serving certificates are verified for (default: each endpoint's host, such as the Node's IP)"),
+		tokenFile:  fs.String("plugin-token-file", "", "file holding the bearer token the plugins accept; sent only over https verified with --plugin-ca-file, or plain http to loopback"),
+	}
+}
+
+// client returns the HTTP client that asks the plugins, and the scheme of
+// plugin endpoints found from the Nodes: https with a CA file, else http.
+func (f *pluginFlags) client() (*http.Client, string, error) {
+	hc, err := adminauth.HTTPClient(adminauth.ClientConfig{
+		CAFile: *f.caFile, CertFile: *f.certFile, KeyFile: *f.keyFile,
+		ServerName: *f.serverName, TokenFile: *f.tokenFile, Timeout: pluginTimeout,
+	})
+	if err != nil {
+		return nil, "", fmt.Errorf("--plugin-ca-file, --plugin-cert-file, --plugin-key-file, --plugin-token-file: %w", err)
+	}
+	if *f.caFile != "" {
+		return hc, "https", nil
+	}
+	return hc, "http", nil
 }
 
 // etcdFlags are the flags that reach etcd, as on a kubeadm control-plane

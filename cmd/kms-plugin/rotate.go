@@ -1,3 +1,5 @@
+//go:build !serveonly
+
 package main
 
 import (
@@ -35,6 +37,10 @@ type clusterClients struct {
 	dynamic    dynamic.Interface
 	rest       rest.Interface // nil in tests: rotate rewrites through dynamic
 	apiservers []rotation.APIServer
+	// apiserver builds a client of one apiserver, https://HOST:PORT, with
+	// the same credentials and CA: rotate writes the canary through each
+	// apiserver of the kubernetes EndpointSlices when none is named.
+	apiserver func(host string) (kubernetes.Interface, error)
 }
 
 // clientFactory builds the clients from --kubeconfig and the apiserver
@@ -57,14 +63,26 @@ func realClients(kubeconfig string, apiserverEndpoints []string, qps float32, bu
 	if out.dynamic, err = dynamic.NewForConfig(rc); err != nil {
 		return nil, err
 	}
-	for _, ep := range apiserverEndpoints {
+	one := func(host string) (kubernetes.Interface, error) {
 		c := rest.CopyConfig(rc)
-		c.Host = ep
-		cs, err := kubernetes.NewForConfig(c)
+		c.Host = host
+		return kubernetes.NewForConfig(c)
+	}
+	for _, ep := range apiserverEndpoints {
+		cs, err := one(ep)
 		if err != nil {
 			return nil, fmt.Errorf("apiserver endpoint %s: %w", ep, err)
 		}
 		out.apiservers = append(out.apiservers, rotation.APIServer{Name: ep, Client: cs})
+	}
+	// One apiserver behind an address from the kubernetes EndpointSlices,
+	// with the kubeconfig's (or the service account's) credentials and
+	// CA, whose serving certificate names the apiserver's IP as kubeadm
+	// issues it. Only with a CA of its own: the addresses come from the
+	// cluster, and the credentials must go nowhere a certificate of
+	// another CA (or none) would accept them.
+	if tc := rc.TLSClientConfig; !tc.Insecure && (len(tc.CAData) > 0 || tc.CAFile != "") {
+		out.apiserver = one
 	}
 	return out, nil
 }
@@ -114,9 +132,10 @@ Flags:
 	minAge := fs.Duration("min-age", 0, "rotate only when the last rotation (or the current key version) is at least this old; 0 rotates every run")
 	res := addResourceFlags(fs)
 	var pluginEndpoints, apiEndpoints listFlag
-	fs.Var(&pluginEndpoints, "plugin-endpoints", "plugin HTTP bases, comma-separated, such as http://10.0.0.1:8787 (default: every control-plane Node's InternalIP and --plugin-port)")
+	fs.Var(&pluginEndpoints, "plugin-endpoints", "plugin HTTP bases, comma-separated, such as http://127.0.0.1:8787 or https://10.0.0.1:8787 (default: every control-plane Node's InternalIP and --plugin-port)")
 	pluginPort := fs.Int("plugin-port", rotation.DefaultPluginPort, "plugin HTTP port on discovered control-plane Nodes")
-	fs.Var(&apiEndpoints, "apiserver-endpoints", "kube-apiserver URLs, comma-separated, to write the canary through each (default: the kubeconfig's server)")
+	plugin := addPluginFlags(fs)
+	fs.Var(&apiEndpoints, "apiserver-endpoints", "kube-apiserver URLs, comma-separated, to write the canary through each (default: every apiserver the kubernetes EndpointSlices in namespace default list, else the kubeconfig's server)")
 	etcd := addEtcdFlags(fs, nil)
 	convergeTimeout := fs.Duration("converge-timeout", rotation.DefaultConvergeTimeout, "how long converge waits for every plugin and apiserver")
 	convergeWait := fs.Duration("converge-wait", rotation.DefaultConvergeWait, "without etcd: how long to wait for the apiservers after every plugin reports the new key")
@@ -133,7 +152,7 @@ Flags:
 	pollInterval := fs.Duration("poll-interval", rotation.DefaultPollInterval, "how often to poll plugins, the canary and migrations")
 	svmStart := fs.Duration("svm-start-timeout", rotation.DefaultSVMStartTimeout, "with --migration auto: fall back to updates when no controller starts a StorageVersionMigration within this")
 	metricsAddr := fs.String("metrics-addr", "", "HOST:PORT to serve the rotation's Prometheus metrics on /metrics while it runs (empty: none)")
-	shared := fs.Bool("local-keyset-shared", false, "local provider with several plugins: assert that every node reads the same keyset file (shared storage)")
+	shared := fs.Bool("local-keyset-shared", false, "local provider on several control-plane nodes: assert that every node reads the same keyset file (shared storage)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -171,6 +190,10 @@ Flags:
 		progressInterval = time.Hour // the bar replaces the log lines
 	}
 
+	pluginHTTP, pluginScheme, err := plugin.client()
+	if err != nil {
+		return err
+	}
 	store, err := rotationProvider(ctx, cfg)
 	if err != nil {
 		return err
@@ -184,6 +207,9 @@ Flags:
 		return err
 	}
 	defer closeEtcd()
+	if len(apiEndpoints) == 0 && cc.apiserver == nil && ranger != nil {
+		log.Named("rotate").Warn("the kubeconfig trusts no CA of its own (insecure-skip-tls-verify, or the system roots), so the canary proves its server only, not each apiserver of the kubernetes EndpointSlices (their addresses come from the cluster, and the credentials must not go to whoever answers them); name the apiservers with --apiserver-endpoints")
+	}
 	var reg *prometheus.Registry
 	if *metricsAddr != "" {
 		reg = prometheus.NewRegistry()
@@ -194,10 +220,10 @@ Flags:
 		defer stop()
 	}
 	r, err := rotation.New(rotation.Config{
-		Client: cc.client, Dynamic: cc.dynamic, REST: cc.rest, APIServers: cc.apiservers,
+		Client: cc.client, Dynamic: cc.dynamic, REST: cc.rest, APIServers: cc.apiservers, APIServerClient: cc.apiserver,
 		Namespace: *namespace, Name: *name,
 		Provider: store, ProviderName: *res.providerName, Resources: resources,
-		PluginEndpoints: pluginEndpoints, PluginPort: *pluginPort,
+		PluginEndpoints: pluginEndpoints, PluginPort: *pluginPort, PluginScheme: pluginScheme, HTTPClient: pluginHTTP,
 		Etcd: ranger, EtcdPrefix: *etcd.prefix,
 		MinAge: *minAge, ConvergeTimeout: *convergeTimeout, ConvergeWait: *convergeWait,
 		Workers: *workers, QPS: *qps, Burst: *burst, PageSize: *pageSize, Keep: *keep,

@@ -322,18 +322,20 @@ func TestStatusCommand(t *testing.T) {
 	}
 }
 
-// TestRotationManifestsParse runs the flags of the CronJob and the systemd
+// TestRotationManifestsParse runs the flags of the CronJobs and the systemd
 // unit through rotate's flag parsing: they stop at the missing node files,
 // not at a flag.
 func TestRotationManifestsParse(t *testing.T) {
-	cron, err := os.ReadFile("../../manifests/rotation-cronjob.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var cronArgs []string
-	for _, l := range strings.Split(string(cron), "\n") {
-		if a, ok := strings.CutPrefix(strings.TrimSpace(l), "- --"); ok {
-			cronArgs = append(cronArgs, "--"+a)
+	manifests := map[string][]string{}
+	for _, f := range []string{"rotation-cronjob.yaml", "rotation-cronjob-svm.yaml"} {
+		cron, err := os.ReadFile("../../manifests/" + f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range strings.Split(string(cron), "\n") {
+			if a, ok := strings.CutPrefix(strings.TrimSpace(l), "- --"); ok {
+				manifests[f] = append(manifests[f], "--"+a)
+			}
 		}
 	}
 	unit, err := os.ReadFile("../../manifests/kms-plugin-rotate.service")
@@ -343,7 +345,8 @@ func TestRotationManifestsParse(t *testing.T) {
 	_, exec, _ := strings.Cut(strings.ReplaceAll(string(unit), "\\\n", " "), "ExecStart=/usr/local/bin/kms-plugin rotate ")
 	exec, _, _ = strings.Cut(exec, "\n")
 	e := newRotateEnv(t)
-	for name, args := range map[string][]string{"cronjob": cronArgs, "systemd": strings.Fields(exec)} {
+	manifests["systemd"] = strings.Fields(exec)
+	for name, args := range manifests {
 		if len(args) < 5 {
 			t.Fatalf("%s: args %q", name, args)
 		}

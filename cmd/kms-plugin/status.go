@@ -1,3 +1,5 @@
+//go:build !serveonly
+
 package main
 
 import (
@@ -6,7 +8,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -55,6 +56,7 @@ Flags:
 	var pluginEndpoints listFlag
 	fs.Var(&pluginEndpoints, "plugin-endpoints", "plugin HTTP bases, comma-separated (default: every control-plane Node's InternalIP and --plugin-port)")
 	pluginPort := fs.Int("plugin-port", rotation.DefaultPluginPort, "plugin HTTP port on discovered control-plane Nodes")
+	plugin := addPluginFlags(fs)
 	output := fs.String("o", "table", "output: table or json")
 	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the cluster and the plugins")
 	if err := parseFlags(fs, args); err != nil {
@@ -63,12 +65,16 @@ Flags:
 	if *output != "table" && *output != "json" {
 		return fmt.Errorf("-o %q: want table or json", *output)
 	}
+	hc, scheme, err := plugin.client()
+	if err != nil {
+		return err
+	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
 
 	out := clusterStatus{Now: now().UTC()}
 	cc, cerr := clients(*kubeconfig, nil, 20, 40)
-	src := rotation.PluginSource{Endpoints: pluginEndpoints, Port: *pluginPort, HTTP: &http.Client{Timeout: 5 * time.Second}}
+	src := rotation.PluginSource{Endpoints: pluginEndpoints, Port: *pluginPort, Scheme: scheme, HTTP: hc}
 	if cerr == nil {
 		src.Client = cc.client
 	}

@@ -1,3 +1,5 @@
+//go:build !serveonly
+
 package main
 
 import (
@@ -7,7 +9,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"text/tabwriter"
 	"time"
 
@@ -54,6 +55,7 @@ Flags:
 	expect := fs.String("expect-key-id", "", "the key_id every object should be under")
 	var pluginEndpoints listFlag
 	fs.Var(&pluginEndpoints, "plugin-endpoints", "plugin HTTP bases; the first one's /status keyID is the expected key_id")
+	plugin := addPluginFlags(fs)
 	output := fs.String("o", "table", "output: table or json")
 	failOnStale := fs.Bool("fail-on-stale", false, "exit 1 when an object is not under the expected key_id or not encrypted")
 	timeout := fs.Duration("timeout", 10*time.Minute, "how long the scan may take")
@@ -71,7 +73,11 @@ Flags:
 	defer cancel()
 	expected := *expect
 	if expected == "" && len(pluginEndpoints) > 0 {
-		src := rotation.PluginSource{Endpoints: pluginEndpoints[:1], HTTP: &http.Client{Timeout: 5 * time.Second}}
+		hc, _, err := plugin.client()
+		if err != nil {
+			return err
+		}
+		src := rotation.PluginSource{Endpoints: pluginEndpoints[:1], HTTP: hc}
 		targets, err := src.Targets(ctx)
 		if err != nil {
 			return err

@@ -39,9 +39,19 @@ type HAConfig struct {
 	// PluginArgs and PluginEnv are given to every node's plugin (see
 	// PluginConfig); empty PluginArgs means the local keyset, one per node.
 	PluginArgs, PluginEnv []string
+	// LocalKeyset, when set, is a keyset file copied to every node's keyset
+	// path before its plugin starts: per-node copies of one key material,
+	// as a multi-node control plane with the local provider needs (else
+	// each plugin creates a keyset of its own, and no node reads what
+	// another wrote).
+	LocalKeyset string
 	// PluginPollInterval is the plugins' --provider-poll-interval; zero
 	// means 1s.
 	PluginPollInterval time.Duration
+	// AdminTLS makes every plugin's admin port serve HTTPS and admit only
+	// the client certificate or the token of HA.AdminPKI: rotate, status
+	// and verify must present one (RotateArgs and VerifyArgs do).
+	AdminTLS bool
 	// StartTimeout bounds the whole start; zero means 6 minutes.
 	StartTimeout time.Duration
 }
@@ -79,6 +89,9 @@ type HA struct {
 	// Kubeconfig is a kubeconfig file for node 0's kube-apiserver with the
 	// admin token (system:masters).
 	Kubeconfig string
+	// AdminPKI is the plugins' admin port TLS and credentials, with
+	// HAConfig.AdminTLS; else nil.
+	AdminPKI *AdminPKI
 }
 
 // StartHA starts the etcd cluster, then the plugins, then the
@@ -132,6 +145,11 @@ func StartHA(ctx context.Context, cfg HAConfig) (h *HA, err error) {
 	}
 
 	stage = "plugins"
+	if cfg.AdminTLS {
+		if h.AdminPKI, err = WriteAdminPKI(filepath.Join(cfg.Dir, "admin-pki")); err != nil {
+			return h, err
+		}
+	}
 	for i := range cfg.Nodes {
 		n := &Node{Name: fmt.Sprintf("node-%d", i), Dir: filepath.Join(cfg.Dir, fmt.Sprintf("n%d", i))}
 		if err = os.MkdirAll(n.Dir, 0o700); err != nil {
@@ -139,12 +157,17 @@ func StartHA(ctx context.Context, cfg HAConfig) (h *HA, err error) {
 		}
 		n.Plugin, err = NewPlugin(PluginConfig{
 			Binary: cfg.PluginBinary, Dir: n.Dir, PollInterval: cfg.PluginPollInterval,
-			Args: cfg.PluginArgs, Env: cfg.PluginEnv,
+			Args: cfg.PluginArgs, Env: cfg.PluginEnv, Admin: h.AdminPKI,
 		})
 		if err != nil {
 			return h, err
 		}
 		n.Plugin.proc.Name = "kms-plugin@" + n.Name
+		if cfg.LocalKeyset != "" {
+			if err = copyFile(cfg.LocalKeyset, n.Plugin.Keyset); err != nil {
+				return h, err
+			}
+		}
 		h.Nodes = append(h.Nodes, n)
 	}
 	if err = h.each(func(n *Node) error { return n.Plugin.Start(ctx) }); err != nil {
@@ -176,6 +199,16 @@ func StartHA(ctx context.Context, cfg HAConfig) (h *HA, err error) {
 	h.Client = h.Nodes[0].Client
 	h.Kubeconfig = filepath.Join(cfg.Dir, "admin.kubeconfig")
 	if err = WriteKubeconfig(h.Kubeconfig, h.Nodes[0].APIServer); err != nil {
+		return h, err
+	}
+	// A real control plane's kubelets register their Nodes; the harness
+	// runs none, so it registers them, labelled as the control plane.
+	stage = "nodes"
+	var names []string
+	for _, n := range h.Nodes {
+		names = append(names, n.Name)
+	}
+	if err = RegisterControlPlaneNodes(ctx, h.Client, names...); err != nil {
 		return h, err
 	}
 	return h, nil
@@ -220,14 +253,32 @@ func (h *HA) Close() error {
 	return errors.Join(errs...)
 }
 
-// PluginEndpoints are the plugins' status URLs, http://127.0.0.1:port, for
-// --plugin-endpoints.
+// PluginEndpoints are the plugins' status URLs, http://127.0.0.1:port
+// (https with HAConfig.AdminTLS), for --plugin-endpoints.
 func (h *HA) PluginEndpoints() []string {
 	var out []string
 	for _, n := range h.Nodes {
-		out = append(out, "http://"+n.Plugin.HTTPAddr)
+		out = append(out, n.Plugin.URL())
 	}
 	return out
+}
+
+// PluginCertArgs are the flags that present the plugins' client
+// certificate (AdminPKI.CertArgs), or none without HAConfig.AdminTLS.
+func (h *HA) PluginCertArgs() []string {
+	if h.AdminPKI == nil {
+		return nil
+	}
+	return h.AdminPKI.CertArgs()
+}
+
+// PluginTokenArgs are the flags that present the plugins' token
+// (AdminPKI.TokenArgs), or none without HAConfig.AdminTLS.
+func (h *HA) PluginTokenArgs() []string {
+	if h.AdminPKI == nil {
+		return nil
+	}
+	return h.AdminPKI.TokenArgs()
 }
 
 // APIServerEndpoints are the kube-apiservers' URLs, for
@@ -344,4 +395,13 @@ func WriteEncryptionConfigFor(path string, resources []string, providerName, end
 	}
 	fmt.Fprintf(&b, "    providers:\n      - kms:\n          apiVersion: v2\n          name: %s\n          endpoint: %s\n          timeout: %s\n", providerName, endpoint, timeout)
 	return os.WriteFile(path, []byte(b.String()), 0o600)
+}
+
+// copyFile copies src to dst with mode 0600.
+func copyFile(src, dst string) error {
+	data, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(dst, data, 0o600)
 }

@@ -27,6 +27,10 @@ type PluginConfig struct {
 	// another provider; Env is added to its environment.
 	Args []string
 	Env  []string
+	// Admin, when set, makes the admin port serve HTTPS and admit only
+	// requests with its client certificate or token (loopback too); the
+	// harness's own requests present the client certificate.
+	Admin *AdminPKI
 }
 
 // Plugin is a `kms-plugin serve` process with the local provider.
@@ -38,6 +42,7 @@ type Plugin struct {
 	binary string
 	proc   *Process
 	http   *http.Client
+	scheme string // http, or https with PluginConfig.Admin
 }
 
 // PluginStatus is the plugin's GET /status document.
@@ -74,6 +79,13 @@ func NewPlugin(cfg PluginConfig) (*Plugin, error) {
 		HTTPAddr: fmt.Sprintf("127.0.0.1:%d", port),
 		binary:   cfg.Binary,
 		http:     &http.Client{Timeout: 5 * time.Second},
+		scheme:   "http",
+	}
+	if cfg.Admin != nil {
+		if p.http, err = cfg.Admin.HTTPClient(true); err != nil {
+			return nil, err
+		}
+		p.scheme = "https"
 	}
 	if len(p.Socket) > 107 {
 		return nil, fmt.Errorf("plugin: socket path %q is longer than 107 bytes", p.Socket)
@@ -90,6 +102,9 @@ func NewPlugin(cfg PluginConfig) (*Plugin, error) {
 			"--provider-poll-interval", cfg.PollInterval.String(),
 			"--log-format", "console",
 		},
+	}
+	if cfg.Admin != nil {
+		p.proc.Args = append(p.proc.Args, cfg.Admin.ServeArgs()...)
 	}
 	p.proc.Args = append(p.proc.Args, cfg.Args...)
 	p.proc.Env = cfg.Env
@@ -108,6 +123,10 @@ func StartPlugin(ctx context.Context, cfg PluginConfig) (*Plugin, error) {
 	}
 	return p, nil
 }
+
+// URL is the admin port's base, http://HTTPAddr (https:// with
+// PluginConfig.Admin), for --plugin-endpoints.
+func (p *Plugin) URL() string { return p.scheme + "://" + p.HTTPAddr }
 
 // Endpoint is the --endpoint URL, unix:///abs/path.
 func (p *Plugin) Endpoint() string { return "unix://" + p.Socket }
@@ -158,9 +177,10 @@ func (p *Plugin) Restart(ctx context.Context) error {
 	return p.Start(ctx)
 }
 
-// Get does GET path on the plugin's HTTP server.
+// Get does GET path on the plugin's HTTP server (with the client
+// certificate, with PluginConfig.Admin).
 func (p *Plugin) Get(ctx context.Context, path string) (int, []byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+p.HTTPAddr+path, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.URL()+path, nil)
 	if err != nil {
 		return 0, nil, err
 	}

@@ -69,7 +69,8 @@ func (r VerifyReport) Resource(resource string) (VerifyResource, bool) {
 }
 
 // RotateArgs are the flags of `kms-plugin rotate` that point it at this
-// control plane: kubeconfig, every plugin's status endpoint, every
+// control plane: kubeconfig, every plugin's status endpoint (and, with
+// HAConfig.AdminTLS, the client certificate that the plugins admit), every
 // apiserver, etcd with its client certificate, the provider name and the
 // encrypted resources. The key store flags come on top.
 func (h *HA) RotateArgs() []string {
@@ -82,11 +83,13 @@ func (h *HA) RotateArgs() []string {
 		"--apiserver-endpoints", strings.Join(h.APIServerEndpoints(), ","),
 		"--log-format", "console",
 	}
+	args = append(args, h.PluginCertArgs()...)
 	return append(args, h.EtcdArgs()...)
 }
 
 // VerifyArgs are the flags of `kms-plugin verify -o json` for this control
-// plane's etcd, provider name and resources.
+// plane's etcd, provider name and resources, and with HAConfig.AdminTLS
+// the plugins' token (for --plugin-endpoints).
 func (h *HA) VerifyArgs() []string {
 	args := []string{
 		"verify",
@@ -94,6 +97,7 @@ func (h *HA) VerifyArgs() []string {
 		"--resources", strings.Join(h.Resources, ","),
 		"-o", "json",
 	}
+	args = append(args, h.PluginTokenArgs()...)
 	return append(args, h.EtcdArgs()...)
 }
 

@@ -29,6 +29,13 @@ type envConfig struct {
 	resources []string // encrypted and rotated resources
 	// pluginPoll is the plugins' --provider-poll-interval; zero means 1s.
 	pluginPoll time.Duration
+	// adminTLS: the plugins' admin ports serve HTTPS and admit only a
+	// client certificate or token (cluster.HAConfig.AdminTLS).
+	adminTLS bool
+	// keysetCopies: with the local keyset, every node starts with a copy
+	// of one keyset file (cluster.HAConfig.LocalKeyset), as a multi-node
+	// control plane with the local provider must.
+	keysetCopies bool
 }
 
 // env is one control plane under test and what the checks know about it.
@@ -63,6 +70,7 @@ func startEnv(t *testing.T, cfg envConfig) *env {
 	hc := cluster.HAConfig{
 		PluginBinary: bins.plugin, KubeAPIServerBinary: bins.apiserver, EtcdBinary: bins.etcd,
 		Dir: dir, Nodes: cfg.nodes, Resources: cfg.resources, PluginPollInterval: cfg.pluginPoll,
+		AdminTLS: cfg.adminTLS,
 	}
 	if cfg.azure {
 		if e.vault, err = cluster.StartVault(ctx, dir, "etcd-kek"); err != nil {
@@ -75,6 +83,21 @@ func startEnv(t *testing.T, cfg envConfig) *env {
 		})
 		e.providerArgs, e.providerEnv = e.vault.ProviderArgs(), e.vault.Env()
 		hc.PluginArgs, hc.PluginEnv = e.providerArgs, e.providerEnv
+	}
+	if cfg.keysetCopies {
+		// A keyset as a local plugin creates it on its first start.
+		src := filepath.Join(dir, "keyset-src")
+		if err := os.Mkdir(src, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		p, err := cluster.StartPlugin(ctx, cluster.PluginConfig{Binary: bins.plugin, Dir: src})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		hc.LocalKeyset = p.Keyset
 	}
 	if e.h, err = cluster.StartHA(ctx, hc); err != nil {
 		t.Fatal(err)

@@ -1,9 +1,12 @@
 package rotation
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -27,10 +30,12 @@ const (
 
 // TestRotateHAAzure runs rotate on a 3-node control plane whose plugins
 // share one key of the Key Vault test server, with Secrets and ConfigMaps
-// encrypted. The subtests share the control plane and run in order; each
-// needs the previous one to have passed.
+// encrypted. The plugins' admin ports serve HTTPS and admit only the
+// admin client certificate or token: rotate presents the certificate,
+// status and verify the token. The subtests share the control plane and
+// run in order; each needs the previous one to have passed.
 func TestRotateHAAzure(t *testing.T) {
-	e := startEnv(t, envConfig{nodes: 3, azure: true, resources: []string{"secrets", "configmaps"}})
+	e := startEnv(t, envConfig{nodes: 3, azure: true, resources: []string{"secrets", "configmaps"}, adminTLS: true})
 	t.Cleanup(e.h.ProbeReadyz(3 * time.Second))
 	var namespaces []string
 	for i := range haNamespaces {
@@ -47,6 +52,7 @@ func TestRotateHAAzure(t *testing.T) {
 		name string
 		f    func(t *testing.T)
 	}{
+		{"AdminPortRefusesWithoutCredential", func(t *testing.T) { haAdminAuth(t, e, k1) }},
 		{"PluginDownStopsBeforeReencrypt", func(t *testing.T) { haPluginDown(t, e, k1) }},
 		{"LaggingPluginStopsBeforeReencrypt", func(t *testing.T) { haLaggingPlugin(t, e, k1) }},
 		{"LocalProviderRefusedOnThreeNodes", func(t *testing.T) { haLocalRefused(t, e) }},
@@ -58,6 +64,91 @@ func TestRotateHAAzure(t *testing.T) {
 			return
 		}
 	}
+}
+
+// haAdminAuth attacks the plugins' admin port from the node itself: a
+// POST /refresh or GET /status with no credential, a wrong token or a
+// client certificate of another CA gets 401 (or a failed handshake) from
+// every plugin, even on loopback, and a rotate without the credential stops
+// in preflight naming the 401, with every key version as it was. The
+// next subtests rotate with the client certificate, and read status with
+// the token.
+func haAdminAuth(t *testing.T, e *env, k1 cluster.PluginStatus) {
+	ctx := context.Background()
+	anon, err := e.h.AdminPKI.HTTPClient(false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain := &http.Client{Timeout: 5 * time.Second}
+	for _, n := range e.h.Nodes {
+		url := n.Plugin.URL()
+		for _, tt := range []struct {
+			name, method, path, auth string
+		}{
+			{"no credential", http.MethodPost, "/refresh", ""},
+			{"no credential", http.MethodGet, "/status", ""},
+			{"wrong token", http.MethodPost, "/refresh", "Bearer not-the-token"},
+			{"wrong token", http.MethodGet, "/status", "Bearer not-the-token"},
+		} {
+			req, err := http.NewRequestWithContext(ctx, tt.method, url+tt.path, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.auth != "" {
+				req.Header.Set("Authorization", tt.auth)
+			}
+			resp, err := anon.Do(req)
+			if err != nil {
+				t.Fatalf("%s %s %s (%s): %v", n.Name, tt.method, tt.path, tt.name, err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusUnauthorized || bytes.Contains(body, []byte(k1.KeyID)) {
+				t.Errorf("%s: %s %s with %s: %d %q; want 401 and nothing about the key", n.Name, tt.method, tt.path, tt.name, resp.StatusCode, body)
+			}
+		}
+		// Plain http to the TLS port: no answer with a status.
+		if resp, err := plain.Get("http://" + n.Plugin.HTTPAddr + "/status"); err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK || bytes.Contains(body, []byte(k1.KeyID)) {
+				t.Errorf("%s: plain http GET /status: %d %q; want no status over plain http", n.Name, resp.StatusCode, body)
+			}
+		}
+	}
+
+	before := e.versions(t)
+	cmd := e.rotate(nil, "--keep", "0")
+	cmd.Args = withoutFlags(cmd.Args, "--plugin-cert-file", "--plugin-key-file")
+	res, err := cmd.Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stderr := string(res.Stderr)
+	if res.ExitCode != 1 || !strings.Contains(stderr, "preflight") || !strings.Contains(stderr, "401 Unauthorized") {
+		t.Errorf("rotate without the plugins' credential: exit %d; want 1 at preflight naming the 401:\n%s", res.ExitCode, tail(stderr, 20))
+	}
+	t.Logf("rotate without the plugins' credential: exit %d: %s", res.ExitCode, lastLine(stderr))
+	if after := e.versions(t); !slices.Equal(after, before) {
+		t.Errorf("key versions changed by a refused rotate:\nbefore %v\nafter  %v", before, after)
+	}
+	if st := e.status(t); !st.Agree || len(st.Plugins) != len(e.h.Nodes) {
+		t.Errorf("status with the token: %+v; want every plugin ready and agreeing", st)
+	}
+	e.checkStored(t, k1.KeyID)
+}
+
+// withoutFlags drops each "--NAME VALUE" pair of names from args.
+func withoutFlags(args []string, names ...string) []string {
+	var out []string
+	for i := 0; i < len(args); i++ {
+		if slices.Contains(names, args[i]) && i+1 < len(args) {
+			i++
+			continue
+		}
+		out = append(out, args[i])
+	}
+	return out
 }
 
 // haPluginDown stops node 2's plugin: rotate must fail before it changes
@@ -523,7 +614,7 @@ func (e *env) status(t *testing.T) clusterStatus {
 	t.Helper()
 	res, err := cluster.Command{
 		Binary:  bins.plugin,
-		Args:    []string{"status", "--kubeconfig", e.h.Kubeconfig, "--plugin-endpoints", strings.Join(e.h.PluginEndpoints(), ","), "-o", "json"},
+		Args:    append([]string{"status", "--kubeconfig", e.h.Kubeconfig, "--plugin-endpoints", strings.Join(e.h.PluginEndpoints(), ","), "-o", "json"}, e.h.PluginTokenArgs()...),
 		Timeout: time.Minute,
 		LogPath: e.rotateLog,
 	}.Run(context.Background())

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -17,13 +18,88 @@ import (
 )
 
 // canaryResource is secrets or configmaps, whichever the rotation covers.
-func (x *run) canaryResource() string {
-	for _, r := range []string{"secrets", "configmaps"} {
-		if slices.Contains(x.cfg.Resources, r) {
-			return r
+func (r *Runner) canaryResource() string { return canaryResourceOf(r.cfg.Resources) }
+
+// canaryResourceOf is secrets or configmaps, whichever of resources has
+// it first in that order, or "".
+func canaryResourceOf(resources []string) string {
+	for _, res := range []string{"secrets", "configmaps"} {
+		if slices.Contains(resources, res) {
+			return res
 		}
 	}
 	return ""
+}
+
+// writesCanary reports whether converge proves the apiservers with the
+// canary (it needs etcd to read it back, and a canary resource).
+func (r *Runner) writesCanary() bool { return r.cfg.Etcd != nil && r.canaryResource() != "" }
+
+// discoversAPIServers reports whether preflight finds the apiservers the
+// canary is written through in the kubernetes EndpointSlices.
+func (r *Runner) discoversAPIServers() bool {
+	return r.writesCanary() && len(r.cfg.APIServers) == 0 && r.cfg.APIServerClient != nil
+}
+
+// probeTimeout bounds preflight's request to each apiserver.
+const probeTimeout = 10 * time.Second
+
+// canaryAPIServers returns the apiservers converge writes the canary
+// through, each of which answered a GET /version: Config.APIServers;
+// else, when discovering, one client per apiserver cp found in the
+// kubernetes EndpointSlices; else Client alone. An apiserver that does not
+// answer stops the run here, before the key changes, since converge could
+// not prove it later.
+func (r *Runner) canaryAPIServers(ctx context.Context, cp controlPlane) ([]APIServer, error) {
+	apis := r.cfg.APIServers
+	def := []APIServer{{Name: "default", Client: r.cfg.Client}}
+	if !r.writesCanary() {
+		return def, nil
+	}
+	if len(apis) == 0 {
+		if !r.discoversAPIServers() {
+			return def, nil
+		}
+		if cp.apiserversErr != nil || len(cp.apiservers) == 0 {
+			why := "they list no apiserver (are the apiservers run with --endpoint-reconciler-type=none?)"
+			if cp.apiserversErr != nil {
+				why = cp.apiserversErr.Error()
+			}
+			r.log.Warn("cannot find the apiservers in the kubernetes EndpointSlices, so the canary proves the kubeconfig's server only; name every apiserver with --apiserver-endpoints",
+				zap.String("service", KubernetesNamespace+"/"+KubernetesService), zap.String("why", why))
+			return def, nil
+		}
+		for _, hp := range cp.apiservers {
+			host := "https://" + hp
+			c, err := r.cfg.APIServerClient(host)
+			if err != nil {
+				return nil, fmt.Errorf("apiserver %s (from the %s/%s EndpointSlices): %w", host, KubernetesNamespace, KubernetesService, err)
+			}
+			apis = append(apis, APIServer{Name: host, Client: c})
+		}
+	}
+	var down []string
+	for _, a := range apis {
+		if err := probe(ctx, a); err != nil {
+			down = append(down, fmt.Sprintf("%s: %v", a.Name, err))
+		}
+	}
+	if len(down) > 0 {
+		return nil, fmt.Errorf("converge writes the canary through every apiserver, and not every one answers, nothing was changed: %s; check it, or name the apiservers rotate can reach with --apiserver-endpoints", strings.Join(down, "; "))
+	}
+	return apis, nil
+}
+
+// probe asks a for GET /version, which every authenticated client may.
+func probe(ctx context.Context, a APIServer) error {
+	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	defer cancel()
+	d := a.Client.Discovery()
+	if rc := d.RESTClient(); rc != nil {
+		return rc.Get().AbsPath("/version").Do(ctx).Error()
+	}
+	_, err := d.ServerVersion()
+	return err
 }
 
 // nudgeReadyz asks a's /readyz. kube-apiserver asks its KMS plugins for

@@ -48,8 +48,9 @@ type APIServer struct {
 // Config configures a Runner. Zero values are safe defaults, except where
 // a field says it is required.
 type Config struct {
-	// Client reaches the cluster: state ConfigMap, Lease, Nodes, the canary
-	// and discovery. Required.
+	// Client reaches the cluster: state ConfigMap, Lease, Nodes, the
+	// kubernetes EndpointSlices, the canary and discovery; Permissions
+	// lists every request it makes. Required.
 	Client kubernetes.Interface
 	// Dynamic creates StorageVersionMigrations, and rewrites objects when
 	// REST is nil. Required unless DryRun.
@@ -59,9 +60,16 @@ type Config struct {
 	// CPU is spent. Any REST client of the cluster will do (requests use
 	// absolute paths). Nil: Dynamic does.
 	REST rest.Interface
-	// APIServers are the apiservers the canary is written through; empty
-	// means Client only, under the name "default".
+	// APIServers are the apiservers the canary is written through. Empty:
+	// with APIServerClient, every apiserver that the EndpointSlices of
+	// Service KubernetesService in namespace KubernetesNamespace list;
+	// else, or when they cannot be read or list none, Client only, under
+	// the name "default".
 	APIServers []APIServer
+	// APIServerClient builds a client of the one apiserver at host
+	// (https://HOST:PORT, from the EndpointSlices) with Client's
+	// credentials and CA. Optional.
+	APIServerClient func(host string) (kubernetes.Interface, error)
 	// Namespace holds the Lease (named Name), the state ConfigMap (Name +
 	// "-state") and the canary. Defaults DefaultNamespace (kube-system) and
 	// DefaultName (kms-plugin-rotation).
@@ -81,10 +89,14 @@ type Config struct {
 
 	// PluginEndpoints are the plugins' HTTP bases (GET BASE/status). Empty:
 	// every Node labelled node-role.kubernetes.io/control-plane, at its
-	// InternalIP and PluginPort (default DefaultPluginPort, 8787).
+	// InternalIP and PluginPort (default DefaultPluginPort, 8787), over
+	// PluginScheme (http, or https when the plugins serve TLS).
 	PluginEndpoints []string
 	PluginPort      int
-	// HTTPClient asks the plugins. Default: 5 s timeout.
+	PluginScheme    string
+	// HTTPClient asks the plugins, and presents the credential their admin
+	// port asks for (adminauth.HTTPClient). Default: 5 s timeout, no
+	// credential.
 	HTTPClient *http.Client
 
 	// Etcd reads stored values: canary, skipping objects already under the
@@ -128,8 +140,12 @@ type Config struct {
 	SVMStartTimeout time.Duration
 	// LocalKeysetShared asserts that every node's plugin reads the same
 	// key material (for the local provider, the same keyset file on shared
-	// storage), which allows rotating a provider.NodeLocal store with more
-	// than one plugin.
+	// storage), which allows rotating a provider.NodeLocal store on a
+	// control plane of several nodes. Without it such a store is refused
+	// when there is more than one plugin to ask, more than one Node
+	// labelled ControlPlaneLabel, or more than one apiserver in the
+	// kubernetes EndpointSlices, and when the Nodes or the EndpointSlices
+	// cannot be listed.
 	LocalKeysetShared bool
 
 	// LeaseDuration is the Lease's duration; it is renewed every third.

@@ -13,9 +13,10 @@ import (
 )
 
 // converge waits until every plugin preflight found reports the new
-// key_id, then until every apiserver encrypts with it (the canary, or
-// without etcd a fixed wait).
-func (x *run) converge(ctx context.Context, plugins []PluginTarget) (stageResult, error) {
+// key_id, then until every apiserver it found encrypts with it (the
+// canary, or without etcd a fixed wait).
+func (x *run) converge(ctx context.Context, f found) (stageResult, error) {
+	plugins := f.plugins
 	if len(plugins) == 0 {
 		return stageResult{}, errors.New("no plugin targets (preflight did not run)")
 	}
@@ -39,16 +40,21 @@ func (x *run) converge(ctx context.Context, plugins []PluginTarget) (stageResult
 		}
 		return stageResult{note: fmt.Sprintf("%s: waited %s after every plugin reported the new key_id", why, x.cfg.ConvergeWait)}, nil
 	}
-	apis := x.cfg.APIServers
+	apis := f.apiservers
 	if len(apis) == 0 {
-		apis = []APIServer{{Name: "default", Client: x.cfg.Client}}
+		return stageResult{}, errors.New("no apiserver to write the canary through (preflight did not run)")
 	}
 	for _, a := range apis {
 		if err := x.waitCanary(cctx, ctx, a, canaryRes); err != nil {
 			return stageResult{}, err
 		}
 	}
-	return stageResult{note: fmt.Sprintf("%d plugins and %d apiservers (canary %s read back from etcd) on key_id hash %s", len(plugins), len(apis), canaryRes, newHash)}, nil
+	var names []string
+	for _, a := range apis {
+		names = append(names, a.Name)
+	}
+	return stageResult{note: fmt.Sprintf("%s and %s (%s; canary %s read back from etcd) on key_id hash %s",
+		plural(len(plugins), "plugin"), plural(len(apis), "apiserver"), strings.Join(names, ", "), canaryRes, newHash)}, nil
 }
 
 // waitPlugins waits, within cctx (converge's timeout), until every plugin

@@ -129,12 +129,12 @@ func (x *run) run(ctx context.Context) (*Result, error) {
 }
 
 // stages runs preflight, then every later stage not yet completed.
-// Preflight runs in every process: the plugins it finds are converge's
-// input.
+// Preflight runs in every process: the plugins and apiservers it finds are
+// converge's input.
 func (x *run) stages(ctx context.Context) error {
-	var plugins []PluginTarget
+	var f found
 	preflight := func(ctx context.Context) (res stageResult, err error) {
-		plugins, res, err = x.preflight(ctx)
+		f, res, err = x.preflight(ctx)
 		return res, err
 	}
 	if err := x.runStage(ctx, StagePreflight, preflight); err != nil {
@@ -145,7 +145,7 @@ func (x *run) stages(ctx context.Context) error {
 		f     stageFunc
 	}{
 		{StageRotate, x.rotate},
-		{StageConverge, func(ctx context.Context) (stageResult, error) { return x.converge(ctx, plugins) }},
+		{StageConverge, func(ctx context.Context) (stageResult, error) { return x.converge(ctx, f) }},
 		{StageReencrypt, x.reencrypt},
 		{StageVerify, x.verify},
 		{StageRetire, x.retire},

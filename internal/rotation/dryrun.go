@@ -63,9 +63,13 @@ func (r *Runner) dryRun(ctx context.Context) (*Result, error) {
 		}
 		plan = append(plan, fmt.Sprintf("rotate: would create a new version of the %s key and make it current", p.Name()))
 	}
-	how := fmt.Sprintf("write the canary through %d apiserver(s) and read it back from etcd", max(1, len(cfg.APIServers)))
-	if cfg.Etcd == nil {
-		how = fmt.Sprintf("wait %s (no etcd configured)", cfg.ConvergeWait)
+	var apis []string
+	for _, a := range c.apiservers {
+		apis = append(apis, a.Name)
+	}
+	how := fmt.Sprintf("write the canary through %d apiserver(s) (%s) and read it back from etcd", len(apis), strings.Join(apis, ", "))
+	if !r.writesCanary() {
+		how = fmt.Sprintf("wait %s (no etcd configured, or no canary resource)", cfg.ConvergeWait)
 	}
 	plan = append(plan, fmt.Sprintf("converge: would wait up to %s for every plugin to report the new key_id, then %s", cfg.ConvergeTimeout, how))
 

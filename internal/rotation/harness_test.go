@@ -132,6 +132,9 @@ type cluster struct {
 	attempts     map[string]int
 	writes       atomic.Int64
 	lists        atomic.Int64
+	// listed records the resources listed through the paging dynamic
+	// client, whose LISTs the fake does not record as actions.
+	listed []string
 	// svm simulates a StorageVersionMigration controller: nil means none.
 	svm bool
 
@@ -307,6 +310,7 @@ func (c *cluster) list(res string, opts metav1.ListOptions) (*unstructured.Unstr
 	c.lists.Add(1)
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.listed = append(c.listed, res)
 	var keys []string
 	for k := range c.objects {
 		if strings.HasPrefix(k, res+"/") && k > res+"/"+opts.Continue {

@@ -72,26 +72,29 @@ type PluginSource struct {
 	Client kubernetes.Interface
 	// Endpoints are explicit plugin HTTP bases.
 	Endpoints []string
-	// Port is the plugins' HTTP port on discovered Nodes.
-	Port int
+	// Port is the plugins' HTTP port on discovered Nodes, and Scheme the
+	// scheme of their URLs: http (the default), or https when the plugins
+	// serve TLS.
+	Port   int
+	Scheme string
 	// HTTP asks them.
 	HTTP *http.Client
 }
 
 // pluginSource is the PluginSource of the Runner's Config.
 func (r *Runner) pluginSource() PluginSource {
-	return PluginSource{Client: r.cfg.Client, Endpoints: r.cfg.PluginEndpoints, Port: r.cfg.PluginPort, HTTP: r.cfg.HTTPClient}
+	return PluginSource{Client: r.cfg.Client, Endpoints: r.cfg.PluginEndpoints, Port: r.cfg.PluginPort, Scheme: r.cfg.PluginScheme, HTTP: r.cfg.HTTPClient}
 }
 
 // Targets lists the plugins: Endpoints, or every control-plane Node's
-// InternalIP at Port.
+// InternalIP at Port, over Scheme.
 func (s PluginSource) Targets(ctx context.Context) ([]PluginTarget, error) {
 	if len(s.Endpoints) > 0 {
 		out := make([]PluginTarget, 0, len(s.Endpoints))
 		for _, ep := range s.Endpoints {
 			ep = strings.TrimRight(ep, "/")
 			if !strings.HasPrefix(ep, "http://") && !strings.HasPrefix(ep, "https://") {
-				return nil, fmt.Errorf("plugin endpoint %q: want http://HOST:PORT", ep)
+				return nil, fmt.Errorf("plugin endpoint %q: want http://HOST:PORT or https://HOST:PORT", ep)
 			}
 			out = append(out, PluginTarget{Node: ep, URL: ep})
 		}
@@ -111,13 +114,17 @@ func (s PluginSource) Targets(ctx context.Context) ([]PluginTarget, error) {
 	if port == 0 {
 		port = DefaultPluginPort
 	}
+	scheme := s.Scheme
+	if scheme == "" {
+		scheme = "http"
+	}
 	var out []PluginTarget
 	for _, n := range nodes.Items {
 		ip := nodeIP(&n)
 		if ip == "" {
 			return nil, fmt.Errorf("control-plane Node %s has no InternalIP address; name the plugins with --plugin-endpoints", n.Name)
 		}
-		out = append(out, PluginTarget{Node: n.Name, URL: "http://" + net.JoinHostPort(ip, strconv.Itoa(port))})
+		out = append(out, PluginTarget{Node: n.Name, URL: scheme + "://" + net.JoinHostPort(ip, strconv.Itoa(port))})
 	}
 	return out, nil
 }
@@ -205,7 +212,16 @@ type answerError struct {
 	body         string // the first line of a plain-text body, shortened
 }
 
-func (e *answerError) Error() string { return fmt.Sprintf("%s %s: %s", e.method, e.path, e.status) }
+func (e *answerError) Error() string {
+	msg := fmt.Sprintf("%s %s: %s", e.method, e.path, e.status)
+	switch e.code {
+	case http.StatusUnauthorized:
+		msg += ": the plugin's admin port admits a client certificate of its CA or its bearer token (--plugin-ca-file with --plugin-cert-file and --plugin-key-file, or --plugin-token-file)"
+	case http.StatusForbidden:
+		msg += ": the plugin does not admit this client certificate's identity (its CommonName)"
+	}
+	return msg
+}
 
 // maxErrorBody bounds how much of a plugin's plain-text error is quoted.
 const maxErrorBody = 300

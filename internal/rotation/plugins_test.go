@@ -9,6 +9,10 @@ import (
 	"sync/atomic"
 	"testing"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	k8sfake "k8s.io/client-go/kubernetes/fake"
+
 	"github.com/kms-plugin/kms-plugin/internal/admin"
 	"github.com/kms-plugin/kms-plugin/internal/envelope"
 )
@@ -143,5 +147,24 @@ func TestPluginSourceAskMessages(t *testing.T) {
 	}
 	if !got[1].Healthy() || got[1].KeyID() != "kp1.old" || got[1].Status.KeyIDHash != envelope.KeyIDHash("kp1.old") {
 		t.Errorf("answer = %+v; want the plugin's status", got[1])
+	}
+}
+
+// TestPluginSourceDiscoveredScheme: plugins found from the Nodes are
+// asked over https when their admin port serves TLS (a CA file was given),
+// else over plain http as before.
+func TestPluginSourceDiscoveredScheme(t *testing.T) {
+	client := k8sfake.NewClientset(&corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: "cp-0", Labels: map[string]string{ControlPlaneLabel: ""}},
+		Status:     corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "10.0.0.7"}}},
+	})
+	for scheme, want := range map[string]string{"": "http://10.0.0.7:8787", "http": "http://10.0.0.7:8787", "https": "https://10.0.0.7:8787"} {
+		got, err := PluginSource{Client: client, Port: 8787, Scheme: scheme}.Targets(context.Background())
+		if err != nil || len(got) != 1 || got[0].URL != want || got[0].Node != "cp-0" {
+			t.Errorf("scheme %q: targets %+v, %v; want cp-0 at %s", scheme, got, err, want)
+		}
+	}
+	if _, err := New(Config{Client: client, Provider: &countingStore{}, DryRun: true, PluginScheme: "ftp"}); err == nil || !strings.Contains(err.Error(), "plugin scheme") {
+		t.Errorf("New with plugin scheme ftp: %v; want an error", err)
 	}
 }

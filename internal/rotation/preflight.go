@@ -14,30 +14,39 @@ import (
 
 // checked is what check found.
 type checked struct {
-	// plugins are every plugin's endpoint, all healthy and on the
-	// expected key_id.
-	plugins []PluginTarget
+	found
 	// version is the key store's current version.
 	version string
 	// note describes how the key store is shared between nodes.
 	note string
 }
 
+// found is what preflight finds for converge to wait for.
+type found struct {
+	// plugins are every plugin's endpoint, all healthy and on the
+	// expected key_id.
+	plugins []PluginTarget
+	// apiservers are the apiservers the canary is written through, each
+	// of which answered.
+	apiservers []APIServer
+}
+
 // preflight checks that every plugin is healthy, uses the configured key
 // store, and is on the same key_id (or, when resuming, on the rotation's
 // old or new one). It changes nothing but the rotation's record of the old
-// key, and returns the plugins it found: converge waits for them.
-func (x *run) preflight(ctx context.Context) ([]PluginTarget, stageResult, error) {
+// key, and returns the plugins and apiservers it found: converge waits for
+// them.
+func (x *run) preflight(ctx context.Context) (found, stageResult, error) {
 	c, err := x.check(ctx, x.rot)
 	if err != nil {
-		return nil, stageResult{}, err
+		return found{}, stageResult{}, err
 	}
 	p, rot, versionNow := x.cfg.Provider, x.rot, c.version
 	switch {
 	case rot.OldVersion == "":
 		rot.OldVersion, rot.OldKeyID = versionNow, envelope.DeriveKeyID(p.Name(), versionNow)
 	case rot.NewVersion != "" && versionNow == rot.OldVersion:
-		return nil, stageResult{}, fmt.Errorf("the key store's current version is back at %s, the version this rotation replaced with %s (a restored keyset, or a disabled new version?): fix the key store, or delete the state ConfigMap %s/%s to start over",
+		return found{}, stageResult{}, fmt.Errorf("the key store's current version is back at %s, the version this rotation replaced with %s (a restored keyset, or a disabled new version?): fix the key store, or delete the state ConfigMap %s/%s to start over",
 			versionNow, rot.NewVersion, x.cfg.Namespace, StateConfigMapName(x.cfg.Name))
 	case rot.NewVersion != "" && versionNow != rot.NewVersion:
 		// The key moved on after this rotation made its version current
@@ -49,7 +58,7 @@ func (x *run) preflight(ctx context.Context) ([]PluginTarget, stageResult, error
 		rot.Progress = nil
 		x.st.VersionHistory = appendHistory(x.st.VersionHistory, versionNow)
 	}
-	return c.plugins, stageResult{note: c.note}, nil
+	return c.found, stageResult{note: c.note}, nil
 }
 
 // check is preflight's read-only part, shared with the dry run. rot may be
@@ -61,7 +70,19 @@ func (r *Runner) check(ctx context.Context, rot *Rotation) (checked, error) {
 	if err != nil {
 		return checked{}, err
 	}
-	note, err := r.sharing(targets)
+	// The node-local refusal, and the apiservers the canary proves: both
+	// from what the cluster says about its control plane, apart from the
+	// endpoints this run was given.
+	nodeLocal := provider.IsNodeLocal(p)
+	countNodes := nodeLocal && !r.cfg.LocalKeysetShared
+	discover := r.discoversAPIServers()
+	cp := readControlPlane(ctx, r.cfg.Client, countNodes, countNodes || discover)
+	note, err := decideSharing(sharingInput{store: p.Name(), nodeLocal: nodeLocal, shared: r.cfg.LocalKeysetShared,
+		targets: targets, explicit: len(r.cfg.PluginEndpoints) > 0, cp: cp})
+	if err != nil {
+		return checked{}, err
+	}
+	apis, err := r.canaryAPIServers(ctx, cp)
 	if err != nil {
 		return checked{}, err
 	}
@@ -83,7 +104,7 @@ func (r *Runner) check(ctx context.Context, rot *Rotation) (checked, error) {
 		return checked{}, fmt.Errorf("ask the key store for its current version: %w", err)
 	}
 	want := envelope.DeriveKeyID(p.Name(), cur)
-	found := checked{plugins: targets, version: cur, note: note}
+	res := checked{found: found{plugins: targets, apiservers: apis}, version: cur, note: note}
 	if rot == nil || rot.OldVersion == "" {
 		var keyIDs []string
 		for _, s := range statuses {
@@ -98,7 +119,7 @@ func (r *Runner) check(ctx context.Context, rot *Rotation) (checked, error) {
 			return checked{}, fmt.Errorf("the plugins use key_id hash %s, but the key store configured here is at version %s (key_id hash %s), nothing was changed: give rotate the plugins' configuration (--config); if the key was just changed, wait one provider poll interval",
 				envelope.KeyIDHash(keyIDs[0]), cur, envelope.KeyIDHash(want))
 		}
-		return found, nil
+		return res, nil
 	}
 	allowed := []string{rot.OldKeyID, want}
 	if rot.NewKeyID != "" {
@@ -114,26 +135,7 @@ func (r *Runner) check(ctx context.Context, rot *Rotation) (checked, error) {
 		return checked{}, fmt.Errorf("resuming rotation %s: plugins are on a key_id that is neither the rotation's old one (hash %s) nor the key store's current one (hash %s): %s",
 			rot.ID, envelope.KeyIDHash(rot.OldKeyID), envelope.KeyIDHash(want), strings.Join(off, "; "))
 	}
-	return found, nil
-}
-
-// sharing refuses a store whose key material is local to each node
-// (provider.NodeLocal) when there are several plugins, unless
-// LocalKeysetShared says they share it, and returns a note on how the
-// plugins share the key.
-func (r *Runner) sharing(targets []PluginTarget) (string, error) {
-	p := r.cfg.Provider
-	if !provider.IsNodeLocal(p) {
-		return fmt.Sprintf("%s: every node unwraps through the same key store, so each new version is usable on every node as soon as it exists", p.Name()), nil
-	}
-	switch {
-	case len(targets) > 1 && !r.cfg.LocalKeysetShared:
-		return "", fmt.Errorf("refusing to rotate the %s provider with %d plugins (%s): each node keeps its own keyset file, so a new key made here would exist on this node only, and the other apiservers could not read what it encrypts. "+
-			"Use a shared key store (azurekeyvault), or, if every node reads the same keyset file (shared storage), pass --local-keyset-shared", p.Name(), len(targets), targetNames(targets))
-	case len(targets) > 1:
-		return fmt.Sprintf("%s provider with a shared keyset file (--local-keyset-shared)", p.Name()), nil
-	}
-	return "", nil
+	return res, nil
 }
 
 func targetNames(ts []PluginTarget) string {

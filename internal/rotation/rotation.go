@@ -126,6 +126,13 @@ func New(cfg Config) (*Runner, error) {
 	if cfg.PluginPort == 0 {
 		cfg.PluginPort = DefaultPluginPort
 	}
+	switch cfg.PluginScheme {
+	case "":
+		cfg.PluginScheme = "http"
+	case "http", "https":
+	default:
+		return nil, fmt.Errorf("rotation: plugin scheme %q: want http or https", cfg.PluginScheme)
+	}
 	if cfg.HTTPClient == nil {
 		cfg.HTTPClient = &http.Client{Timeout: 5 * time.Second}
 	}
