@@ -7,6 +7,7 @@ GO         ?= go
 VERSION    ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS    := -s -w -X main.version=$(VERSION)
 BIN        := $(CURDIR)/bin/kms-plugin
+SERVE_BIN  := $(CURDIR)/bin/kms-plugin-serve
 CACHE      ?= $(CURDIR)/.cache/bin
 FUZZTIME   ?= 30s
 E2E_FLAGS  ?= -count=1 -timeout 40m
@@ -17,13 +18,17 @@ export KMS_E2E_CACHE := $(CACHE)
 
 all: build
 
+# Two static binaries of the same code: kms-plugin (every command) and
+# kms-plugin-serve (-tags serveonly: serve, keyset, doctor and version,
+# without client-go, so the plugin idles at about 15 MiB instead of 40 MiB).
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/kms-plugin
+	CGO_ENABLED=0 $(GO) build -trimpath -tags serveonly -ldflags '$(LDFLAGS)' -o $(SERVE_BIN) ./cmd/kms-plugin
 
 # Runs the plugin with no flags: local keyset and socket under
 # ~/.local/state/kms-plugin (or $$KMS_PLUGIN_STATE_DIR), HTTP on 127.0.0.1:8787.
 run: build
-	$(BIN) serve --log-format console
+	$(SERVE_BIN) serve --log-format console
 
 # Everything CI runs: formatting, vet, the import direction check
 # (hack/importcheck/allow.txt), unit tests with -race (fuzz seed
@@ -38,7 +43,7 @@ e2e-tools:
 	bash e2e/tools/build.sh
 
 e2e: build e2e-tools
-	cd e2e && KMS_PLUGIN_BIN=$(BIN) \
+	cd e2e && KMS_PLUGIN_BIN=$(BIN) KMS_PLUGIN_SERVE_BIN=$(SERVE_BIN) \
 		KUBE_APISERVER_BIN=$(CACHE)/kube-apiserver-v1.37.2 \
 		ETCD_BIN=$(CACHE)/etcd-v3.6.16 \
 		KUBECTL_BIN=$(CACHE)/kubectl-v1.37.2 \
@@ -68,6 +73,7 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 		if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags serveonly ./cmd/...
 	$(GO) run ./hack/importcheck -go $(GO)
 	cd e2e && $(GO) vet ./...
 

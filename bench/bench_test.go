@@ -250,6 +250,9 @@ func TestQuickRun(t *testing.T) {
 		if got.ReaderUnwraps != entries {
 			t.Errorf("restarted plugin made %d provider unwraps for %d distinct local KEKs, want %d", got.ReaderUnwraps, entries, entries)
 		}
+		if got.FullIdleKiB <= 0 {
+			t.Errorf("full binary idle RSS %d KiB: want it read for the comparison", got.FullIdleKiB)
+		}
 		if got.IdleKiB <= 0 || got.AfterDecryptKiB <= 0 {
 			t.Errorf("RSS idle %d KiB, with cache %d KiB: want both read", got.IdleKiB, got.AfterDecryptKiB)
 		}

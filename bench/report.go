@@ -230,11 +230,14 @@ func (r *report) markdown() string {
 		p("The binary (`%s`, %.1f MiB) runs as `serve --kek-max-uses 1 --kek-cache-size %d --log-level warn` on a temp keyset with `--http-addr` on loopback. VmRSS from /proc/PID/status.\n\n",
 			s.Binary, float64(s.BinaryBytes)/(1<<20), max(20000, 2*s.Entries))
 		p("| state | VmRSS MiB | notes |\n|---|---:|---|\n")
-		p("| idle, %v after start | %s | |\n", r.Opts.RSSIdle, mib(s.IdleKiB))
+		p("| idle, %v after start | %s | goal ≤ 25 MiB: %s |\n", r.Opts.RSSIdle, mib(s.IdleKiB), okWord(s.IdleKiB <= 25<<10))
 		p("| after %s Encrypts | %s | %s local KEKs made; /status cache.entries = %s; took %s |\n", thousands(int64(s.Entries)), mib(s.AfterEncryptKiB), thousands(int64(s.WriterKEKs)), thousands(int64(s.WriterEntries)), ms(s.EncryptWall))
 		p("| restarted, idle | %s | |\n", mib(s.ColdIdleKiB))
 		p("| restarted, after %s Decrypts, %v later | %s | /status cache.entries = %s, provider unwraps = %s; Decrypts took %s |\n", thousands(int64(s.Entries)), r.Opts.RSSIdle, mib(s.AfterDecryptKiB), thousands(int64(s.ReaderEntries)), thousands(int64(s.ReaderUnwraps)), ms(s.DecryptWall))
 		p("| restarted, peak (VmHWM) | %s | |\n", mib(s.PeakKiB))
+		if s.FullIdleKiB > 0 {
+			p("| the full kms-plugin binary (every command, client-go linked; %.1f MiB), idle, same flags | %s | for comparison: the image runs kms-plugin-serve for the plugin |\n", float64(s.FullBinaryBytes)/(1<<20), mib(s.FullIdleKiB))
+		}
 		if s.Entries > 0 {
 			p("\nCached entries: %s (want ≥ %s: %s). Memory per cached local KEK: about %.2f KiB ((after Decrypts − restarted idle) / entries). Errors: %d.\n\n",
 				thousands(int64(s.ReaderEntries)), thousands(int64(s.Entries)), okWord(s.ReaderEntries >= s.Entries),

@@ -46,10 +46,17 @@ type rssResult struct {
 
 	EncryptWall, DecryptWall     time.Duration
 	EncryptErrors, DecryptErrors int
+
+	// The full binary (every command, client-go linked), idle, for
+	// comparison; zero when a binary was given.
+	FullIdleKiB     int64
+	FullBinaryBytes int64
 }
 
-// buildPlugin builds ./cmd/kms-plugin of this module into dir.
-func buildPlugin(ctx context.Context, dir string) (string, error) {
+// buildPlugin builds ./cmd/kms-plugin of this module into dir as name,
+// with the build tags given (serveonly: the serve-only build the image's
+// plugin runs).
+func buildPlugin(ctx context.Context, dir, name, tags string) (string, error) {
 	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
 	if err != nil {
 		return "", fmt.Errorf("go env GOMOD: %w", err)
@@ -58,15 +65,27 @@ func buildPlugin(ctx context.Context, dir string) (string, error) {
 	if gomod == "" || gomod == os.DevNull {
 		return "", fmt.Errorf("not inside the kms-plugin module")
 	}
-	bin := filepath.Join(dir, "kms-plugin")
+	bin := filepath.Join(dir, name)
 	// The release build of the Makefile and Dockerfile: static, stripped.
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", "-s -w -X main.version=bench", "-o", bin, "./cmd/kms-plugin")
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-tags", tags, "-ldflags", "-s -w -X main.version=bench", "-o", bin, "./cmd/kms-plugin")
 	cmd.Dir = filepath.Dir(gomod)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go build ./cmd/kms-plugin: %v\n%s", err, out)
 	}
 	return bin, nil
+}
+
+// idleRSS starts bin, waits idle and returns its VmRSS.
+func idleRSS(ctx context.Context, bin, socket, keyset string, idle time.Duration) (int64, error) {
+	p, err := startBinary(ctx, bin, socket, keyset, 100)
+	if err != nil {
+		return 0, err
+	}
+	defer p.stop()
+	sleep(ctx, idle)
+	rss, _, err := readRSS(p.cmd.Process.Pid)
+	return rss, err
 }
 
 // measureRSS runs the real binary with --kek-max-uses 1, so that every
@@ -76,12 +95,22 @@ func buildPlugin(ctx context.Context, dir string) (string, error) {
 func measureRSS(ctx context.Context, cfg rssConfig) (rssResult, error) {
 	res := rssResult{Entries: cfg.Entries, Binary: cfg.Binary}
 	if cfg.Binary == "" {
-		res.Binary = "CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' ./cmd/kms-plugin"
-		bin, err := buildPlugin(ctx, cfg.Dir)
+		res.Binary = "CGO_ENABLED=0 go build -trimpath -tags serveonly -ldflags '-s -w' ./cmd/kms-plugin (kms-plugin-serve)"
+		bin, err := buildPlugin(ctx, cfg.Dir, "kms-plugin-serve", "serveonly")
 		if err != nil {
 			return res, err
 		}
 		cfg.Binary = bin
+		full, err := buildPlugin(ctx, cfg.Dir, "kms-plugin", "")
+		if err != nil {
+			return res, err
+		}
+		if res.FullIdleKiB, err = idleRSS(ctx, full, filepath.Join(cfg.Dir, "full.sock"), filepath.Join(cfg.Dir, "full.keyset.json"), cfg.Idle); err != nil {
+			return res, fmt.Errorf("full binary: %w", err)
+		}
+		if fi, err := os.Stat(full); err == nil {
+			res.FullBinaryBytes = fi.Size()
+		}
 	}
 	if fi, err := os.Stat(cfg.Binary); err == nil {
 		res.BinaryBytes = fi.Size()

@@ -41,7 +41,7 @@ func run(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "e2e: "+format+"\n", args...)
 		return 1
 	}
-	pluginBin, cleanup, err := cluster.PluginBinary(ctx)
+	pluginBin, cleanup, err := cluster.ServePluginBinary(ctx)
 	if err != nil {
 		return fail("kms-plugin binary: %v", err)
 	}

@@ -20,7 +20,10 @@ const (
 
 // Environment variables naming the binaries the tests run.
 const (
-	EnvPluginBin        = "KMS_PLUGIN_BIN"
+	EnvPluginBin = "KMS_PLUGIN_BIN"
+	// EnvServePluginBin names the serve-only build (kms-plugin-serve, what
+	// the image's plugin runs); tests that only serve use it when set.
+	EnvServePluginBin   = "KMS_PLUGIN_SERVE_BIN"
 	EnvKubeAPIServerBin = "KUBE_APISERVER_BIN"
 	EnvEtcdBin          = "ETCD_BIN"
 	EnvCache            = "KMS_E2E_CACHE" // where build.sh caches binaries
@@ -116,6 +119,16 @@ func checkBinary(what, path string) (string, error) {
 		return "", fmt.Errorf("%s: not an executable file (mode %v)", what, fi.Mode())
 	}
 	return path, nil
+}
+
+// ServePluginBinary returns $KMS_PLUGIN_SERVE_BIN, the serve-only build
+// that the image runs as the plugin, or PluginBinary when it is unset.
+func ServePluginBinary(ctx context.Context) (path string, cleanup func(), err error) {
+	if path := os.Getenv(EnvServePluginBin); path != "" {
+		path, err := checkBinary(fmt.Sprintf("%s=%q", EnvServePluginBin, path), path)
+		return path, func() {}, err
+	}
+	return PluginBinary(ctx)
 }
 
 // PluginBinary returns $KMS_PLUGIN_BIN or, when unset, builds

@@ -41,7 +41,7 @@ func TestMain(m *testing.M) {
 
 func run(m *testing.M) int {
 	ctx := context.Background()
-	bin, cleanup, err := cluster.PluginBinary(ctx)
+	bin, cleanup, err := cluster.ServePluginBinary(ctx)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "integration: kms-plugin binary: %v\n", err)
 		return 1
