@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
@@ -17,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -317,6 +320,123 @@ func TestAzureKeyVault(t *testing.T) {
 		}
 		e.check(ns, written)
 	})
+
+	t.Run("DisabledCurrentVersion", func(t *testing.T) {
+		e.t = t
+		e.disableCurrentVersion(ctx, ns, keyName, written)
+	})
+}
+
+// disableCurrentVersion makes a new key version, writes under it, and
+// disables it while writes continue. Within a poll the plugin wraps with
+// the newest usable version and refuses to decrypt the disabled one's data
+// (asked as a restarted kube-apiserver would ask); kube-apiserver follows
+// at its next Status; no write fails, and none after the switch is under
+// the disabled version. The writes that kube-apiserver made under the
+// disabled version before it switched (KMS v2 keeps its write DEK until its
+// next Status) are rewritten while it still holds their DEKs, as an
+// operator revoking a version must do before a restart (kube-apiserver
+// cannot list a resource holding an object it cannot decrypt). After a
+// restart of the plugin and kube-apiserver, everything written reads back.
+func (e *azEnv) disableCurrentVersion(ctx context.Context, ns, keyName string, written map[string]map[string][]byte) {
+	t, az, vault := e.t, e.c, e.vault
+	start := time.Now()
+	fallback, err := az.Plugin.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kid := vault.post(t, "/rotate?name="+keyName)["kid"]
+	cur, err := az.Plugin.WaitForKeyIDChange(ctx, fallback.KeyID, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.waitNewWritesUse(ns, cur.KeyID, time.Minute)
+	all := maps.Clone(written)
+	for i := range 3 {
+		name := fmt.Sprintf("revoked-%d", i)
+		all[name] = e.create(ns, name)
+	}
+
+	load := e.startLoad(ns, "revoking")
+	time.Sleep(time.Second)
+	id := kid[strings.LastIndex(kid, "/")+1:]
+	vault.post(t, "/enable?name="+keyName+"&version="+id+"&enabled=false")
+	defer vault.post(t, "/enable?name="+keyName+"&version="+id+"&enabled=true")
+	disabled := time.Now()
+	st, err := az.Plugin.WaitForKeyIDChange(ctx, cur.KeyID, 10*time.Second)
+	if err != nil {
+		t.Fatalf("the plugin kept the disabled version: %v", err)
+	}
+	if want := fallback.RemoteVersion + "#after=" + id; st.RemoteVersion != want {
+		t.Fatalf("after disabling the current version the plugin follows %q; want %q", st.RemoteVersion, want)
+	}
+	moved := time.Since(disabled)
+	// The plugin no longer decrypts the disabled version's data, though
+	// it held that local KEK unwrapped a poll ago.
+	obj, err := az.StoredSecret(ctx, ns, "revoked-0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := az.Plugin.DecryptStored(ctx, obj); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("the plugin's Decrypt of data under the disabled version = %v; want FailedPrecondition", err)
+	}
+	e.waitNewWritesUse(ns, st.KeyID, time.Minute)
+	time.Sleep(time.Second)
+	ok, failed, errs := load.stop()
+	if failed > 0 || ok == 0 {
+		t.Fatalf("while the version was disabled %d requests succeeded and %d failed: %v", ok, failed, errs)
+	}
+	maps.Copy(all, load.written())
+
+	// In write order: once a write is under the new key_id, none after it
+	// is under the disabled version's.
+	switched := false
+	for i := 0; ; i++ {
+		obj, err := az.StoredSecret(ctx, ns, fmt.Sprintf("revoking-%d", i))
+		if err != nil {
+			break // past the last write
+		}
+		switch {
+		case obj.KeyID == cur.KeyID && switched:
+			t.Fatalf("revoking-%d was written under the disabled version after writes moved to the usable one", i)
+		case obj.KeyID != cur.KeyID:
+			switched = true
+		}
+	}
+	if !switched {
+		t.Fatal("no write moved to the usable version")
+	}
+
+	// Rewrite what is under the disabled version while kube-apiserver
+	// still holds its DEKs, then restart the node's plugin and apiserver.
+	list, err := az.Client.CoreV1().Secrets(metav1.NamespaceAll).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale := 0
+	for i := range list.Items {
+		s := &list.Items[i]
+		if obj, err := az.StoredSecret(ctx, s.Namespace, s.Name); err != nil || obj.KeyID != cur.KeyID {
+			continue
+		}
+		stale++
+		if _, err := az.Client.CoreV1().Secrets(s.Namespace).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if obj, err := az.StoredSecret(ctx, s.Namespace, s.Name); err != nil || obj.KeyID == cur.KeyID {
+			t.Fatalf("%s/%s still under the disabled version after a rewrite (%v)", s.Namespace, s.Name, err)
+		}
+	}
+	if err := az.Plugin.Restart(ctx); err != nil {
+		t.Fatalf("restart the plugin with the current version disabled: %v", err)
+	}
+	if err := az.APIServer.Restart(ctx); err != nil {
+		t.Fatalf("restart kube-apiserver: %v", err)
+	}
+	e.check(ns, all)
+	maps.Copy(written, all)
+	t.Logf("disabled the current version under load: the plugin moved in %s; %d writes, none failed; %d Secrets under the disabled version (rewritten); all %d read back after a restart; %s",
+		moved.Round(10*time.Millisecond), ok, stale, len(all), time.Since(start).Round(time.Second))
 }
 
 // azEnv holds the Azure cluster for the helpers.
@@ -385,9 +505,10 @@ func (e *azEnv) waitNewWritesUse(ns, keyID string, timeout time.Duration) {
 	e.t.Helper()
 	ctx := context.Background()
 	deadline := time.Now().Add(timeout)
+	tag := cluster.RandomHex(3)
 	for i := 0; ; i++ {
 		_, _, _ = e.c.APIServer.Get(ctx, "/readyz/"+kmsCheck)
-		name := fmt.Sprintf("probe-%d", i)
+		name := fmt.Sprintf("probe-%s-%d", tag, i)
 		e.create(ns, name)
 		if e.storedKeyID(ns, name) == keyID {
 			return

@@ -15,7 +15,12 @@
 //     DEK seeds with -latency added to every vault answer, hierarchy on
 //     (local KEKs) and off (every seed wrapped and unwrapped in the vault).
 //
-//     go run ./bench/azure [-scale 1000] [-seeds 1000] [-latency 20ms] [-out FILE]
+//  3. A flood of forged Decrypts (one genuine wrapped local KEK under
+//     -forged distinct version spellings) against the shipped assembly,
+//     beside a legitimate workload: vault unwraps, the legitimate cache hit
+//     rate and the plugin's log lines.
+//
+//     go run ./bench/azure [-scale 1000] [-seeds 1000] [-latency 20ms] [-forged 10000] [-out FILE]
 package main
 
 import (
@@ -53,6 +58,7 @@ type options struct {
 	latency     time.Duration
 	clients     int
 	statusCalls int
+	forged      int
 }
 
 func run(args []string, stdout io.Writer) error {
@@ -63,6 +69,7 @@ func run(args []string, stdout io.Writer) error {
 	fs.DurationVar(&o.latency, "latency", 20*time.Millisecond, "added to every vault answer in the cold start")
 	fs.IntVar(&o.clients, "clients", 16, "concurrent Decrypt callers in the second cold-start run")
 	fs.IntVar(&o.statusCalls, "status-calls", 100000, "Status calls in the direct Status measurement")
+	fs.IntVar(&o.forged, "forged", 10000, "forged Decrypts in the flood (0 skips it)")
 	out := fs.String("out", "", "also write the report to this file")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -77,6 +84,11 @@ func run(args []string, stdout io.Writer) error {
 	}
 	if err := coldStart(ctx, w, o); err != nil {
 		return err
+	}
+	if o.forged > 0 {
+		if err := forgedReport(ctx, w, o.forged); err != nil {
+			return err
+		}
 	}
 	if *out != "" {
 		return os.WriteFile(*out, report.Bytes(), 0o644)

@@ -54,7 +54,7 @@ func TestDoctorAzure(t *testing.T) {
 			}
 		}, "key", []string{"key version disabled", "fix: the key version is disabled", "az keyvault key set-attributes"}},
 		{"no such key", func(t *testing.T, e *env) { e.config["keyName"] = "kms-kek-typo" },
-			"key", []string{"key version not found", "check azure.keyName and azure.vaultURL"}},
+			"key", []string{"key kms-kek-typo not found in vault", "check azure.keyName and azure.vaultURL"}},
 		{"missing get permission", func(t *testing.T, e *env) {
 			e.srv.SetPermissions(kvtest.App(e.app), kvtest.PermWrapKey, kvtest.PermUnwrapKey)
 		}, "key", []string{"lacks key permission keys/get", "az keyvault set-policy", "--key-permissions get wrapKey unwrapKey"}},

@@ -22,18 +22,35 @@
 // same version had before the newer version existed: a key_id is never
 // reused for a different state of the key, yet every node that sees the same
 // vault computes the same string. A pinned KeyVersion is reported as its
-// plain kid. Unwrap ignores everything from '#'.
+// plain kid. Unwrap calls the vault with the kid; the #after= part only
+// changes the key_id. Each version has exactly one accepted spelling (see
+// version.go): any other is refused before a call to the vault.
+//
+// # Revocation
+//
+// Wrap never uses a version the vault did not report usable within the last
+// stateFreshFor (2 s, the time between a poll and the Wrap it triggers):
+// otherwise it asks the vault again, falls back to the newest usable version
+// like a poll, and returns ErrKeyDisabled when there is none, so no new local
+// KEK is wrapped under a version disabled, expired or deleted since the last
+// poll. The provider implements provider.VersionChecker: after each poll
+// the plugin asks which versions of its cached local KEKs the vault now
+// reports disabled, expired, not yet valid or deleted (one listing of the
+// versions per key name, none when only the version the poll just checked
+// is cached) and drops them.
 //
 // # Wrapping
 //
 // RSA keys (RSA, RSA-HSM) use RSA-OAEP-256. By default a new local KEK is
 // wrapped locally with the public key of the current version, fetched with
 // the GET that discovered that version: this saves one vault call per local
-// KEK, and lets the plugin make a new local KEK (at its age or usage limit,
-// or at start after a poll) while the vault is throttling or briefly
-// unreachable. Unwrap always happens in the vault; the private key never
-// leaves it. Set WrapInVault to call wrapkey instead (for example when a
-// policy demands that every use of the key be audited in the vault's logs).
+// KEK made right after a poll (at start, after a rotation). A local KEK made
+// later (at its age or usage limit) costs one GET first, to check that the
+// version is still usable; while the vault cannot answer, none is made and
+// the plugin keeps the current one. Unwrap always happens in the vault; the
+// private key never leaves it. Set WrapInVault to call wrapkey instead (for
+// example when a policy demands that every use of the key be audited in the
+// vault's logs).
 // Managed HSM oct-HSM keys (AES-256) use AES key wrap (A256KW) in the HSM;
 // the key is padded first (ISO/IEC 7816-4: 0x80, then zeros to a multiple
 // of 8 bytes, at least 16) because A256KW only takes such lengths.
@@ -52,8 +69,10 @@
 // after FailureThreshold consecutive unavailable-class failures, for
 // OpenDuration; then one probe call is let through. 401 and 403 answers are
 // reported as provider.ErrPermissionDenied naming the missing permission,
-// and remembered for DeniedBackoff per operation, so that a missing role is
-// not asked about in a hot loop.
+// and remembered for DeniedBackoff per operation and key version (a 403),
+// or for the identity as a whole (a refused token, a 401), so that a
+// missing role is not asked about in a hot loop, and a version string
+// naming a key the identity may not use does not block the keys it may use.
 //
 // # Authentication challenge
 //
@@ -154,8 +173,9 @@ type Config struct {
 	// OpenDuration is how long an open breaker fails calls fast. Default
 	// 30 s.
 	OpenDuration time.Duration
-	// DeniedBackoff is how long a 401/403 answer is remembered per
-	// operation before the vault is asked again. Default 30 s.
+	// DeniedBackoff is how long a 403 answer is remembered per operation
+	// and key version, and a refused token or a 401 for every call, before
+	// the vault is asked again. Default 30 s.
 	DeniedBackoff time.Duration
 	// Transport carries every request to the vault; nil uses azcore's
 	// default HTTP client (which honours HTTPS_PROXY and NO_PROXY). Tests
@@ -180,8 +200,14 @@ type Provider struct {
 	refreshMu sync.Mutex // serializes refreshes
 	cur       atomic.Pointer[keyState]
 
+	book     keyBook    // what the vault said about key names and versions
+	relistMu sync.Mutex // serializes listings made to admit a version
+
+	listMu   sync.Mutex
+	lastList listing // the last complete listing, reused within stateFreshFor
+
 	deniedMu sync.Mutex
-	denied   map[string]deniedEntry
+	denied   map[string]deniedEntry // by scope: targetScope or identityScope
 }
 
 // keyState is the version Wrap uses now.
@@ -193,7 +219,13 @@ type keyState struct {
 	kty     azkeys.KeyType
 	pub     *rsa.PublicKey // RSA keys only
 	ops     []string
+	checked time.Time // when the vault last reported the version usable
 }
+
+// stateFreshFor is how long a version the vault reported usable counts as
+// usable without asking again: long enough for the Wrap that follows a
+// poll, short enough that a version disabled since is never used to wrap.
+const stateFreshFor = 2 * time.Second
 
 type deniedEntry struct {
 	until time.Time
@@ -201,11 +233,12 @@ type deniedEntry struct {
 }
 
 var (
-	_ provider.Provider      = (*Provider)(nil)
-	_ provider.Rotator       = (*Provider)(nil)
-	_ provider.Retirer       = (*Provider)(nil)
-	_ provider.HealthChecker = (*Provider)(nil)
-	_ provider.VersionLister = (*Provider)(nil)
+	_ provider.Provider       = (*Provider)(nil)
+	_ provider.Rotator        = (*Provider)(nil)
+	_ provider.Retirer        = (*Provider)(nil)
+	_ provider.HealthChecker  = (*Provider)(nil)
+	_ provider.VersionLister  = (*Provider)(nil)
+	_ provider.VersionChecker = (*Provider)(nil)
 )
 
 var (
@@ -264,13 +297,16 @@ func New(cfg Config) (*Provider, error) {
 		return nil, fmt.Errorf("azurekv: %w", err)
 	}
 	host := strings.ToLower(u.Hostname())
+	// The host as key IDs spell it: lower case, without the default port.
+	vaultHost := strings.TrimSuffix(strings.ToLower(u.Host), ":443")
 	return &Provider{
 		cfg:       cfg,
 		client:    client,
 		vaultURL:  vaultURL,
-		vaultHost: strings.ToLower(u.Host),
+		vaultHost: vaultHost,
 		hsm:       strings.Contains(host, ".managedhsm."),
 		breaker:   newBreaker(cfg.FailureThreshold, cfg.OpenDuration),
+		book:      keyBook{keep: strings.ToLower(cfg.KeyName)},
 		denied:    map[string]deniedEntry{},
 	}, nil
 }
@@ -304,18 +340,39 @@ func (p *Provider) CurrentVersion(ctx context.Context) (string, error) {
 }
 
 // Wrap implements provider.Provider. RSA keys wrap locally with the cached
-// public key unless WrapInVault is set; oct-HSM keys wrap in the HSM.
+// public key unless WrapInVault is set; oct-HSM keys wrap in the HSM. It
+// uses only a version the vault reported usable within stateFreshFor, asking
+// again otherwise (see the package comment): it returns ErrKeyDisabled when
+// no version is usable, ErrKeyNotFound when the key is gone, and
+// ErrUnavailable or ErrPermissionDenied when the vault cannot tell.
 func (p *Provider) Wrap(ctx context.Context, key []byte) (provider.WrappedKey, error) {
 	if err := ctx.Err(); err != nil {
 		return provider.WrappedKey{}, err
 	}
 	st := p.cur.Load()
-	if st == nil {
+	if st == nil || p.cfg.Now().Sub(st.checked) >= stateFreshFor {
 		var err error
 		if st, err = p.refresh(ctx); err != nil {
 			return provider.WrappedKey{}, err
 		}
 	}
+	w, err := p.wrapWith(ctx, st, key)
+	if errors.Is(err, provider.ErrKeyDisabled) {
+		// The vault refused the version: disabled since it was checked.
+		// Use what is usable now, once.
+		next, rerr := p.refresh(ctx)
+		if rerr != nil {
+			return provider.WrappedKey{}, rerr
+		}
+		if next.kid != st.kid {
+			return p.wrapWith(ctx, next, key)
+		}
+	}
+	return w, err
+}
+
+// wrapWith wraps key with the version of st.
+func (p *Provider) wrapWith(ctx context.Context, st *keyState, key []byte) (provider.WrappedKey, error) {
 	switch {
 	case isRSA(st.kty) && !p.cfg.WrapInVault:
 		ct, err := rsa.EncryptOAEP(sha256.New(), p.cfg.Rand, st.pub, key, nil)
@@ -340,7 +397,7 @@ func (p *Provider) Wrap(ctx context.Context, key []byte) (provider.WrappedKey, e
 
 func (p *Provider) vaultWrap(ctx context.Context, st *keyState, alg azkeys.EncryptionAlgorithm, value []byte) ([]byte, error) {
 	var res azkeys.WrapKeyResponse
-	err := p.call(ctx, opWrap, st.kid, func(ctx context.Context) error {
+	err := p.call(ctx, opWrap, st.name, st.kid, func(ctx context.Context) error {
 		var err error
 		res, err = p.client.WrapKey(ctx, st.name, st.id, azkeys.KeyOperationParameters{Algorithm: &alg, Value: value}, nil)
 		return err
@@ -357,7 +414,8 @@ func (p *Provider) vaultWrap(ctx context.Context, st *keyState, alg azkeys.Encry
 // Unwrap implements provider.Provider: one unwrapkey call with exactly the
 // version in w.Version, which may name any key of the configured vault (so
 // that data survives a change of key name). It returns ErrKeyNotFound for a
-// version that is not a key ID of this vault or that the vault does not
+// version that is not a key ID of this vault in its one accepted spelling
+// (refused before any call; see version.go) or that the vault does not
 // know, ErrKeyDisabled for a disabled version, ErrInvalidCiphertext when the
 // vault cannot unwrap the ciphertext, and ErrPermissionDenied or
 // ErrUnavailable.
@@ -381,14 +439,31 @@ func (p *Provider) Unwrap(ctx context.Context, w provider.WrappedKey) ([]byte, e
 	default:
 		return nil, fmt.Errorf("azurekv: unwrapKey with version %s: unknown wrap scheme %#x: %w", ref.kid, w.Ciphertext[0], provider.ErrInvalidCiphertext)
 	}
+	if err := p.admit(ctx, ref); err != nil {
+		return nil, fmt.Errorf("azurekv: unwrap: %w", err)
+	}
 	var res azkeys.UnwrapKeyResponse
-	err = p.call(ctx, opUnwrap, ref.kid, func(ctx context.Context) error {
+	err = p.call(ctx, opUnwrap, ref.name, ref.kid, func(ctx context.Context) error {
 		var err error
 		res, err = p.client.UnwrapKey(ctx, ref.name, ref.id, azkeys.KeyOperationParameters{Algorithm: &alg, Value: w.Ciphertext[1:]}, nil)
 		return err
 	})
 	if err != nil {
 		return nil, err
+	}
+	if res.KID != nil {
+		// The vault names the version it used in its own spelling: learn
+		// it, and refuse any other spelling, so that one version has one
+		// key_id.
+		name, id, ok := p.splitKID(string(*res.KID))
+		if !ok || name != ref.name || id != ref.id {
+			clear(res.Result)
+			if ok {
+				p.book.saw(name, id)
+			}
+			return nil, fmt.Errorf("azurekv: unwrapKey with version %s: the vault answered for %s; only the vault's spelling of a version is accepted: %w", ref.kid, *res.KID, provider.ErrKeyNotFound)
+		}
+		p.book.saw(name, id)
 	}
 	if w.Ciphertext[0] == schemeA256KW {
 		key, err := unpad(res.Result)
@@ -407,7 +482,7 @@ func (p *Provider) Rotate(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("azurekv: rotate: key version %s is pinned in the configuration; unpin it to follow new versions", p.cfg.KeyVersion)
 	}
 	var res azkeys.RotateKeyResponse
-	err := p.call(ctx, opRotate, "", func(ctx context.Context) error {
+	err := p.call(ctx, opRotate, p.cfg.KeyName, "", func(ctx context.Context) error {
 		var err error
 		res, err = p.client.RotateKey(ctx, p.cfg.KeyName, nil)
 		return err
@@ -438,10 +513,10 @@ func (p *Provider) Retire(ctx context.Context, version string) error {
 			return err
 		}
 	}
-	if strings.EqualFold(ref.kid, st.kid) {
+	if ref.kid == st.kid {
 		return fmt.Errorf("azurekv: retire: version %s is the current version; rotate first", ref.kid)
 	}
-	return p.call(ctx, opUpdate, ref.kid, func(ctx context.Context) error {
+	return p.call(ctx, opUpdate, ref.name, ref.kid, func(ctx context.Context) error {
 		_, err := p.client.UpdateKey(ctx, ref.name, ref.id, azkeys.UpdateKeyParameters{
 			KeyAttributes: &azkeys.KeyAttributes{Enabled: to.Ptr(false)},
 		}, nil)
@@ -449,16 +524,17 @@ func (p *Provider) Retire(ctx context.Context, version string) error {
 	})
 }
 
-// Versions implements provider.VersionLister (keys/list permission).
+// Versions implements provider.VersionLister (keys/list permission). When
+// no version is usable, every version is listed and none is current.
 func (p *Provider) Versions(ctx context.Context) ([]provider.VersionInfo, error) {
 	st := p.cur.Load()
 	if st == nil {
 		var err error
-		if st, err = p.refresh(ctx); err != nil {
+		if st, err = p.refresh(ctx); err != nil && !errors.Is(err, provider.ErrKeyDisabled) {
 			return nil, err
 		}
 	}
-	items, err := p.listVersions(ctx)
+	items, err := p.listVersionsOf(ctx, p.cfg.KeyName)
 	if err != nil {
 		return nil, err
 	}
@@ -469,7 +545,7 @@ func (p *Provider) Versions(ctx context.Context) ([]provider.VersionInfo, error)
 		if usable(it.attrs, now) {
 			vi.State = provider.VersionEnabled
 		}
-		if strings.EqualFold(it.kid, st.kid) {
+		if st != nil && it.kid == st.kid {
 			vi.Version, vi.Current = st.version, true
 		}
 		out = append(out, vi)
@@ -486,11 +562,25 @@ func (p *Provider) Health(ctx context.Context) error {
 }
 
 // refresh reads the key's current version from the vault and caches it.
+// When the vault says no version may wrap (disabled, expired, the key
+// gone), it forgets the cached version, so that Wrap cannot use it.
 func (p *Provider) refresh(ctx context.Context) (*keyState, error) {
 	p.refreshMu.Lock()
 	defer p.refreshMu.Unlock()
+	st, err := p.refreshLocked(ctx)
+	if errors.Is(err, provider.ErrKeyDisabled) || errors.Is(err, provider.ErrKeyNotFound) {
+		p.cur.Store(nil)
+	}
+	return st, err
+}
+
+func (p *Provider) refreshLocked(ctx context.Context) (*keyState, error) {
 	var b azkeys.KeyBundle
-	err := p.call(ctx, opGet, "", func(ctx context.Context) error {
+	version := ""
+	if p.cfg.KeyVersion != "" {
+		version = p.kidOf(p.cfg.KeyName, p.cfg.KeyVersion)
+	}
+	err := p.call(ctx, opGet, p.cfg.KeyName, version, func(ctx context.Context) error {
 		res, err := p.client.GetKey(ctx, p.cfg.KeyName, p.cfg.KeyVersion, nil)
 		b = res.KeyBundle
 		return err
@@ -505,14 +595,14 @@ func (p *Provider) refresh(ctx context.Context) (*keyState, error) {
 		p.cur.Store(st)
 		return st, nil
 	case err == nil && p.cfg.KeyVersion != "":
-		return nil, fmt.Errorf("azurekv: pinned version %s of key %s is disabled or expired: %w", p.cfg.KeyVersion, p.cfg.KeyName, provider.ErrKeyDisabled)
+		return nil, fmt.Errorf("azurekv: pinned version %s of key %s is disabled, expired or not yet valid: %w", p.cfg.KeyVersion, p.cfg.KeyName, provider.ErrKeyDisabled)
 	case err != nil && (p.cfg.KeyVersion != "" || !errors.Is(err, provider.ErrKeyDisabled)):
 		return nil, err
 	}
 	// The newest version is not usable: fall back to the newest usable one.
 	newest := ""
 	if err == nil && b.Key != nil && b.Key.KID != nil {
-		newest = b.Key.KID.Version()
+		newest = strings.ToLower(b.Key.KID.Version())
 	}
 	return p.fallback(ctx, newest, now)
 }
@@ -520,7 +610,7 @@ func (p *Provider) refresh(ctx context.Context) (*keyState, error) {
 // fallback makes the newest usable version current when the newest version
 // is not usable, and marks its version string with the newest version's ID.
 func (p *Provider) fallback(ctx context.Context, newest string, now time.Time) (*keyState, error) {
-	items, err := p.listVersions(ctx)
+	items, err := p.listVersionsOf(ctx, p.cfg.KeyName)
 	if err != nil {
 		return nil, err
 	}
@@ -542,19 +632,15 @@ func (p *Provider) fallback(ctx context.Context, newest string, now time.Time) (
 			Message: fmt.Sprintf("no version of key %s is enabled and valid (newest: %s)", p.cfg.KeyName, newest)}
 	}
 	suffix := afterMarker + newest
-	if cur := p.cur.Load(); cur != nil && strings.EqualFold(cur.kid, best.kid) {
+	if cur := p.cur.Load(); cur != nil && cur.kid == best.kid {
 		st := *cur
-		st.version = cur.kid + suffix
+		st.version, st.checked = cur.kid+suffix, now
 		p.cur.Store(&st)
 		return &st, nil
 	}
-	ref, err := p.parseVersion(best.kid)
-	if err != nil {
-		return nil, err
-	}
 	var b azkeys.KeyBundle
-	err = p.call(ctx, opGet, best.kid, func(ctx context.Context) error {
-		res, err := p.client.GetKey(ctx, ref.name, ref.id, nil)
+	err = p.call(ctx, opGet, best.name, best.kid, func(ctx context.Context) error {
+		res, err := p.client.GetKey(ctx, best.name, best.id, nil)
 		b = res.KeyBundle
 		return err
 	})
@@ -569,11 +655,31 @@ func (p *Provider) fallback(ctx context.Context, newest string, now time.Time) (
 	return st, nil
 }
 
+// listing is a complete listing of one key's versions.
+type listing struct {
+	name  string // case-folded key name
+	at    time.Time
+	items []versionItem
+}
+
+// recentListing returns the versions of key name if they were listed
+// within stateFreshFor, so that a poll that fell back to an older version
+// and then checks its cached versions lists once.
+func (p *Provider) recentListing(name string) ([]versionItem, bool) {
+	p.listMu.Lock()
+	defer p.listMu.Unlock()
+	l := p.lastList
+	if l.name != strings.ToLower(name) || l.at.IsZero() || p.cfg.Now().Sub(l.at) >= stateFreshFor {
+		return nil, false
+	}
+	return l.items, true
+}
+
 // versionItem is one entry of a version listing.
 type versionItem struct {
-	kid, id string
-	created time.Time
-	attrs   *azkeys.KeyAttributes
+	kid, name, id string // kid in its canonical spelling
+	created       time.Time
+	attrs         *azkeys.KeyAttributes
 }
 
 // later orders versions by creation time, then by ID, so that every node
@@ -585,11 +691,13 @@ func later(a, b *versionItem) bool {
 	return strings.ToLower(a.id) > strings.ToLower(b.id)
 }
 
-func (p *Provider) listVersions(ctx context.Context) ([]versionItem, error) {
+// listVersionsOf lists the versions of key name (keys/list permission) and
+// records them in the provider's key book.
+func (p *Provider) listVersionsOf(ctx context.Context, name string) ([]versionItem, error) {
 	var out []versionItem
-	err := p.call(ctx, opList, "", func(ctx context.Context) error {
+	err := p.call(ctx, opList, name, "", func(ctx context.Context) error {
 		out = out[:0]
-		pager := p.client.NewListKeyPropertiesVersionsPager(p.cfg.KeyName, nil)
+		pager := p.client.NewListKeyPropertiesVersionsPager(name, nil)
 		for pager.More() {
 			page, err := pager.NextPage(ctx)
 			if err != nil {
@@ -599,7 +707,11 @@ func (p *Provider) listVersions(ctx context.Context) ([]versionItem, error) {
 				if kp == nil || kp.KID == nil {
 					continue
 				}
-				it := versionItem{kid: string(*kp.KID), id: kp.KID.Version(), attrs: kp.Attributes}
+				kname, id, ok := p.splitKID(string(*kp.KID))
+				if !ok || !strings.EqualFold(kname, name) {
+					continue
+				}
+				it := versionItem{kid: p.kidOf(kname, id), name: kname, id: id, attrs: kp.Attributes}
 				if kp.Attributes != nil && kp.Attributes.Created != nil {
 					it.created = *kp.Attributes.Created
 				}
@@ -608,6 +720,22 @@ func (p *Provider) listVersions(ctx context.Context) ([]versionItem, error) {
 		}
 		return nil
 	})
+	now := p.cfg.Now()
+	switch {
+	case err == nil:
+		spelled := ""
+		ids := make([]string, 0, len(out))
+		for _, it := range out {
+			spelled = it.name
+			ids = append(ids, it.id)
+		}
+		p.book.listed(name, spelled, ids, false, now)
+		p.listMu.Lock()
+		p.lastList = listing{name: strings.ToLower(name), at: now, items: slices.Clone(out)}
+		p.listMu.Unlock()
+	case errors.Is(err, provider.ErrKeyNotFound):
+		p.book.listed(name, "", nil, true, now)
+	}
 	return out, err
 }
 
@@ -633,12 +761,12 @@ func (p *Provider) stateFrom(b azkeys.KeyBundle, suffix string) (*keyState, erro
 	if b.Key == nil || b.Key.KID == nil || b.Key.Kty == nil {
 		return nil, fmt.Errorf("azurekv: key %s: the vault's answer has no key", p.cfg.KeyName)
 	}
-	kid := string(*b.Key.KID)
-	ref, err := p.parseVersion(kid)
-	if err != nil {
-		return nil, fmt.Errorf("azurekv: key %s: the vault returned key ID %q: %w", p.cfg.KeyName, kid, err)
+	name, id, ok := p.splitKID(string(*b.Key.KID))
+	if !ok {
+		return nil, fmt.Errorf("azurekv: key %s: the vault returned key ID %q, not a versioned key ID of %s", p.cfg.KeyName, *b.Key.KID, p.vaultHost)
 	}
-	st := &keyState{version: kid + suffix, kid: kid, name: ref.name, id: ref.id, kty: *b.Key.Kty}
+	kid := p.kidOf(name, id)
+	st := &keyState{version: kid + suffix, kid: kid, name: name, id: id, kty: *b.Key.Kty, checked: p.cfg.Now()}
 	for _, op := range b.Key.KeyOps {
 		if op != nil {
 			st.ops = append(st.ops, string(*op))
@@ -667,39 +795,20 @@ func (p *Provider) stateFrom(b azkeys.KeyBundle, suffix string) (*keyState, erro
 			return nil, fmt.Errorf("azurekv: key %s does not permit the %s operation (its key_ops are %v); allow it with az keyvault key set-attributes --ops", kid, op, st.ops)
 		}
 	}
+	p.book.saw(name, id)
 	return st, nil
 }
 
-// versionRef is a parsed version string.
-type versionRef struct {
-	kid, name, id string
-}
-
-// parseVersion parses a version string: a versioned key ID of the
-// configured vault, optionally followed by afterMarker and more.
-func (p *Provider) parseVersion(v string) (versionRef, error) {
-	kid, _, _ := strings.Cut(v, "#")
-	u, err := url.Parse(kid)
-	if err != nil || u.Scheme != "https" || u.Host == "" {
-		return versionRef{}, fmt.Errorf("version %q is not a Key Vault key ID: %w", v, provider.ErrKeyNotFound)
-	}
-	seg := strings.Split(strings.TrimPrefix(u.Path, "/"), "/")
-	if len(seg) != 3 || seg[0] != "keys" || !keyNameRE.MatchString(seg[1]) || !versionIDRE.MatchString(seg[2]) {
-		return versionRef{}, fmt.Errorf("version %q is not a versioned Key Vault key ID: %w", v, provider.ErrKeyNotFound)
-	}
-	if !strings.EqualFold(u.Host, p.vaultHost) {
-		return versionRef{}, fmt.Errorf("version %s belongs to vault %s, not to the configured %s: %w", kid, u.Host, p.vaultHost, provider.ErrKeyNotFound)
-	}
-	return versionRef{kid: kid, name: seg[1], id: seg[2]}, nil
-}
-
-// call runs one vault operation under the per-call timeout, the remembered
-// permission denials and the circuit breaker, and classifies its error.
-func (p *Provider) call(ctx context.Context, op operation, version string, f func(context.Context) error) error {
+// call runs one vault operation on key name (and version, a canonical key
+// ID, or "" for an operation on the key) under the per-call timeout, the
+// remembered permission denials and the circuit breaker, and classifies
+// its error.
+func (p *Provider) call(ctx context.Context, op operation, name, version string, f func(context.Context) error) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("azurekv: %s: %w", op.name, err)
 	}
-	if err := p.deniedErr(op); err != nil {
+	target := targetScope(op, name, version)
+	if err := p.deniedErr(target); err != nil {
 		return err
 	}
 	probe, err := p.breaker.allow(p.cfg.Now())
@@ -709,7 +818,7 @@ func (p *Provider) call(ctx context.Context, op operation, version string, f fun
 	cctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	err = f(cctx)
 	cancel()
-	err = p.classify(ctx, op, version, err)
+	err = p.classify(ctx, op, name, version, err)
 	o := neutral
 	switch {
 	case err == nil:
@@ -726,31 +835,86 @@ func (p *Provider) call(ctx context.Context, op operation, version string, f fun
 		}
 	}
 	p.breaker.done(p.cfg.Now(), probe, o, err)
+	var e *Error
+	if o == failure && errors.As(err, &e) {
+		// The failure that opens the breaker says when it lets a probe
+		// through, as the breaker's own errors do.
+		e.retryAfter = p.breaker.retryIn(p.cfg.Now())
+	}
 	if errors.Is(err, provider.ErrPermissionDenied) {
-		p.rememberDenied(op, err)
+		p.rememberDenied(deniedScope(target, err), err)
 	}
 	return err
 }
 
-func (p *Provider) deniedErr(op operation) error {
-	p.deniedMu.Lock()
-	defer p.deniedMu.Unlock()
-	d, ok := p.denied[op.name]
-	if !ok {
-		return nil
+// identityScope is where a denial of the identity as a whole is
+// remembered: a refused token, a 401, the vault's firewall.
+const identityScope = "identity"
+
+// maxDenied bounds the denials remembered: version strings come from
+// etcd, so their number is not the plugin's to choose.
+const maxDenied = 1024
+
+// targetScope is where a 403 of op on one key version (or on the key) is
+// remembered, so that a version string naming a key the identity may not
+// use blocks nothing else.
+func targetScope(op operation, name, version string) string {
+	if version != "" {
+		return op.name + " " + strings.ToLower(version)
 	}
-	now := p.cfg.Now()
-	if !now.Before(d.until) {
-		delete(p.denied, op.name)
-		return nil
-	}
-	return fmt.Errorf("%w (remembered; the vault is asked again in %s)", d.err, d.until.Sub(now).Round(time.Second))
+	return op.name + " key " + strings.ToLower(name)
 }
 
-func (p *Provider) rememberDenied(op operation, err error) {
+// deniedScope is where err, a denial of a call on target, is remembered.
+func deniedScope(target string, err error) string {
+	var e *Error
+	if errors.As(err, &e) && (e.Op == opToken.name || e.Status == http.StatusUnauthorized ||
+		e.InnerCode == "ForbiddenByFirewall" || e.InnerCode == "ForbiddenByConnection") {
+		return identityScope
+	}
+	return target
+}
+
+// deniedErr returns the remembered denial that applies to a call on
+// target, if any.
+func (p *Provider) deniedErr(target string) error {
 	p.deniedMu.Lock()
 	defer p.deniedMu.Unlock()
-	p.denied[op.name] = deniedEntry{until: p.cfg.Now().Add(p.cfg.DeniedBackoff), err: err}
+	now := p.cfg.Now()
+	for _, scope := range []string{identityScope, target} {
+		d, ok := p.denied[scope]
+		if !ok {
+			continue
+		}
+		if !now.Before(d.until) {
+			delete(p.denied, scope)
+			continue
+		}
+		return fmt.Errorf("%w (remembered; the vault is asked again in %s)", d.err, d.until.Sub(now).Round(time.Second))
+	}
+	return nil
+}
+
+func (p *Provider) rememberDenied(scope string, err error) {
+	p.deniedMu.Lock()
+	defer p.deniedMu.Unlock()
+	now := p.cfg.Now()
+	if len(p.denied) >= maxDenied {
+		for k, d := range p.denied {
+			if !now.Before(d.until) {
+				delete(p.denied, k)
+			}
+		}
+		for k := range p.denied {
+			if len(p.denied) < maxDenied {
+				break
+			}
+			if k != identityScope {
+				delete(p.denied, k)
+			}
+		}
+	}
+	p.denied[scope] = deniedEntry{until: now.Add(p.cfg.DeniedBackoff), err: err}
 }
 
 // pad pads a key for AES key wrap: 0x80, then zeros up to a multiple of 8
@@ -807,7 +971,7 @@ func (p *Provider) Probe(ctx context.Context) (ProbeResult, error) {
 	}
 	resp, err := transport.Do(req)
 	if err != nil {
-		return res, p.classify(context.Background(), opProbe, "", err)
+		return res, p.classify(context.Background(), opProbe, p.cfg.KeyName, "", err)
 	}
 	defer resp.Body.Close()
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
@@ -859,7 +1023,7 @@ func (p *Provider) CheckCredential(ctx context.Context, probe ProbeResult) error
 	if err == nil {
 		return nil
 	}
-	e := p.classify(context.Background(), opToken, "", err)
+	e := p.classify(context.Background(), opToken, p.cfg.KeyName, "", err)
 	var ke *Error
 	if errors.As(e, &ke) && ke.Op != opToken.name {
 		ke.Op = opToken.name

@@ -71,12 +71,34 @@ func (b *breaker) allow(now time.Time) (probe bool, err error) {
 
 func (b *breaker) openError(now time.Time) error {
 	wait := b.until.Sub(now)
-	if wait < 0 {
-		wait = 0
+	if wait < 0 || b.state == halfOpen {
+		wait = 0 // a probe is in flight: no hint
 	}
-	return fmt.Errorf("azurekv: %w: %w after %d consecutive failures, next try in %s (last: %v)",
-		provider.ErrUnavailable, errCircuitOpen, b.failures, wait.Round(time.Second), b.lastErr)
+	return &circuitOpenError{failures: b.failures, wait: wait, last: b.lastErr}
 }
+
+// circuitOpenError is a call failed fast by the open breaker. It is
+// provider.ErrUnavailable and errCircuitOpen, and says when the breaker
+// lets a probe through (RetryAfter), so that a caller polling on a timer,
+// such as a plugin started during an outage, tries again as soon as the
+// breaker allows rather than after a fixed retry interval.
+type circuitOpenError struct {
+	failures int
+	wait     time.Duration
+	last     error
+}
+
+func (e *circuitOpenError) Error() string {
+	return fmt.Sprintf("azurekv: %v: %v after %d consecutive failures, next try in %s (last: %v)",
+		provider.ErrUnavailable, errCircuitOpen, e.failures, e.wait.Round(time.Second), e.last)
+}
+
+// Unwrap returns provider.ErrUnavailable and errCircuitOpen.
+func (e *circuitOpenError) Unwrap() []error { return []error{provider.ErrUnavailable, errCircuitOpen} }
+
+// RetryAfter is the time until the breaker lets a probe through, or 0 (no
+// hint) while a probe is in flight.
+func (e *circuitOpenError) RetryAfter() time.Duration { return e.wait }
 
 // done records the outcome of a call that allow let through.
 func (b *breaker) done(now time.Time, probe bool, o outcome, err error) {
@@ -96,6 +118,17 @@ func (b *breaker) done(now time.Time, probe bool, o outcome, err error) {
 			b.until = now.Add(b.openFor)
 		}
 	}
+}
+
+// retryIn is how long until an open breaker lets a probe through, or 0
+// when it is not open.
+func (b *breaker) retryIn(now time.Time) time.Duration {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.state != open || !now.Before(b.until) {
+		return 0
+	}
+	return b.until.Sub(now)
 }
 
 // isOpen reports whether calls are being failed fast.

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/url"
 	"os"
 	"strings"
@@ -77,7 +78,12 @@ func VaultSuffix(cloudName string, hsm bool) (string, error) {
 }
 
 // CredentialConfig says how to authenticate to Entra ID. Secrets are read
-// from files, never given inline.
+// from files, never given inline. Every file holding a secret (the client
+// secret, the certificate and its password, the federated token, an
+// azure.json holding a secret) must be readable by its owner only (mode
+// 0600 or 0400) and owned by the plugin's user or root. The client secret
+// and certificate files are read again at the first token request after
+// they change, so rotating them needs no restart.
 type CredentialConfig struct {
 	// Kind is one of the Credential* constants. Required.
 	Kind string
@@ -145,22 +151,32 @@ func NewCredential(cfg CredentialConfig) (azcore.TokenCredential, string, error)
 		if cfg.ClientSecretFile == "" {
 			return nil, "", errors.New("azurekv: client secret credential needs a secret file")
 		}
-		secret, err := readSecretFile(cfg.ClientSecretFile, "client secret")
-		if err != nil {
-			return nil, "", err
-		}
-		return clientSecret(opts, custom, cfg.TenantID, cfg.ClientID, secret)
+		files := []credentialFile{{cfg.ClientSecretFile, "client secret"}}
+		return newReloadingCredential(files, func(c [][]byte) (azcore.TokenCredential, string, error) {
+			secret, err := secretText(cfg.ClientSecretFile, "client secret", c[0])
+			if err != nil {
+				return nil, "", err
+			}
+			return clientSecret(opts, custom, cfg.TenantID, cfg.ClientID, secret)
+		})
 	case CredentialClientCertificate:
 		if cfg.CertificateFile == "" {
 			return nil, "", errors.New("azurekv: client certificate credential needs a certificate file")
 		}
-		var password string
+		files := []credentialFile{{cfg.CertificateFile, "client certificate"}}
 		if cfg.CertificatePasswordFile != "" {
-			if password, err = readSecretFile(cfg.CertificatePasswordFile, "certificate password"); err != nil {
-				return nil, "", err
-			}
+			files = append(files, credentialFile{cfg.CertificatePasswordFile, "certificate password"})
 		}
-		return clientCertificate(opts, custom, cfg.TenantID, cfg.ClientID, cfg.CertificateFile, password)
+		return newReloadingCredential(files, func(c [][]byte) (azcore.TokenCredential, string, error) {
+			var password string
+			if len(c) > 1 {
+				var err error
+				if password, err = secretText(cfg.CertificatePasswordFile, "certificate password", c[1]); err != nil {
+					return nil, "", err
+				}
+			}
+			return clientCertificate(opts, custom, cfg.TenantID, cfg.ClientID, cfg.CertificateFile, c[0], password)
+		})
 	case CredentialAzureJSON:
 		return fromAzureJSON(cfg)
 	case "":
@@ -270,6 +286,11 @@ func workloadIdentity(opts azcore.ClientOptions, custom bool, tenantID, clientID
 	if tenantID == "" || clientID == "" || tokenFile == "" {
 		return nil, "", errors.New("azurekv: workload identity needs a tenant ID, a client ID and a federated token file (or AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_FEDERATED_TOKEN_FILE)")
 	}
+	// azidentity reads the token file at each token request; check it once
+	// here, where a mistake is easy to report.
+	if err := checkCredentialFile(tokenFile, "federated token"); err != nil {
+		return nil, "", err
+	}
 	c, err := azidentity.NewWorkloadIdentityCredential(&azidentity.WorkloadIdentityCredentialOptions{
 		ClientOptions: opts, TenantID: tenantID, ClientID: clientID, TokenFilePath: tokenFile,
 		DisableInstanceDiscovery: custom,
@@ -293,13 +314,11 @@ func clientSecret(opts azcore.ClientOptions, custom bool, tenantID, clientID, se
 	return c, fmt.Sprintf("client secret (tenant %s, client ID %s)", tenantID, clientID), nil
 }
 
-func clientCertificate(opts azcore.ClientOptions, custom bool, tenantID, clientID, file, password string) (azcore.TokenCredential, string, error) {
+// clientCertificate builds a certificate credential from data, the content
+// of file.
+func clientCertificate(opts azcore.ClientOptions, custom bool, tenantID, clientID, file string, data []byte, password string) (azcore.TokenCredential, string, error) {
 	if tenantID == "" || clientID == "" {
 		return nil, "", errors.New("azurekv: client certificate credential needs a tenant ID and a client ID")
-	}
-	data, err := os.ReadFile(file)
-	if err != nil {
-		return nil, "", fmt.Errorf("azurekv: read client certificate: %w", err)
 	}
 	certs, key, err := azidentity.ParseCertificates(data, []byte(password))
 	if err != nil {
@@ -342,7 +361,16 @@ func fromAzureJSON(cfg CredentialConfig) (azcore.TokenCredential, string, error)
 	if path == "" {
 		path = DefaultAzureJSONPath
 	}
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, "", fmt.Errorf("azurekv: read cloud provider config: %w", err)
+	}
+	fi, err := f.Stat()
+	var data []byte
+	if err == nil {
+		data, err = io.ReadAll(io.LimitReader(f, maxCredentialFileSize))
+	}
+	f.Close()
 	if err != nil {
 		return nil, "", fmt.Errorf("azurekv: read cloud provider config: %w", err)
 	}
@@ -350,6 +378,12 @@ func fromAzureJSON(cfg CredentialConfig) (azcore.TokenCredential, string, error)
 	if err := json.Unmarshal(data, &aj); err != nil {
 		// json's message quotes no field values.
 		return nil, "", fmt.Errorf("azurekv: parse %s: %w", path, err)
+	}
+	if aj.AADClientSecret != "" || aj.AADClientCertPassword != "" {
+		// The file holds a secret: it must be as private as a secret file.
+		if err := checkSecretFile(path, "cloud provider config", fi); err != nil {
+			return nil, "", fileErrorText(err)
+		}
 	}
 	if v, ok := cfg.LookupEnv("AZURE_TENANT_ID"); ok && v != "" {
 		aj.TenantID = v
@@ -390,7 +424,10 @@ func fromAzureJSON(cfg CredentialConfig) (azcore.TokenCredential, string, error)
 	case aj.AADClientSecret != "":
 		cred, desc, err = clientSecret(opts, custom, tenant, aj.AADClientID, aj.AADClientSecret)
 	case aj.AADClientCertPath != "" && aj.AADClientCertPassword != "":
-		cred, desc, err = clientCertificate(opts, custom, tenant, aj.AADClientID, aj.AADClientCertPath, aj.AADClientCertPassword)
+		files := []credentialFile{{aj.AADClientCertPath, "client certificate"}}
+		cred, desc, err = newReloadingCredential(files, func(c [][]byte) (azcore.TokenCredential, string, error) {
+			return clientCertificate(opts, custom, tenant, aj.AADClientID, aj.AADClientCertPath, c[0], aj.AADClientCertPassword)
+		})
 	default:
 		return nil, "", fmt.Errorf("azurekv: %s sets no credential (useManagedIdentityExtension, aadClientSecret, aadClientCertPath with aadClientCertPassword, or useFederatedWorkloadIdentityExtension)", path)
 	}
@@ -398,18 +435,4 @@ func fromAzureJSON(cfg CredentialConfig) (azcore.TokenCredential, string, error)
 		return nil, "", err
 	}
 	return cred, desc + " from " + path, nil
-}
-
-// readSecretFile reads a secret, trimming the trailing newline editors and
-// Kubernetes Secret volumes may add.
-func readSecretFile(path, what string) (string, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return "", fmt.Errorf("azurekv: read %s file: %w", what, err)
-	}
-	s := strings.TrimRight(string(data), "\r\n")
-	if s == "" {
-		return "", fmt.Errorf("azurekv: %s file %s is empty", what, path)
-	}
-	return s, nil
 }

@@ -19,7 +19,7 @@ const maxClockSkew = 2 * time.Minute
 func (a *Settings) Doctor(ctx context.Context, c provider.Checklist, o provider.OpenOptions) provider.Provider {
 	p, desc, err := a.open(o)
 	if err != nil {
-		c.Fail("credential", err, "fix the azure.credential settings; files must exist and be readable by the plugin")
+		c.Fail("credential", err, "fix the azure.credential settings; credential files must exist, be readable by the plugin and by no one else (mode 0600 or 0400, owned by the plugin's user or root)")
 		c.Skip("vault", "needs a credential")
 		return nil
 	}

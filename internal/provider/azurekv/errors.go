@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/runtime"
@@ -50,8 +51,10 @@ type Error struct {
 	// Op is the failed operation: get, list, wrapKey, unwrapKey, rotate,
 	// update, token (getting an access token) or probe.
 	Op string
-	// Vault is the vault's host name.
+	// Vault is the vault's host name (with its port, unless 443).
 	Vault string
+	// Key is the key name the call used.
+	Key string
 	// Version is the key ID (versioned) the call used, if any.
 	Version string
 	// Status is the HTTP status of the answer, 0 when there was none.
@@ -72,21 +75,35 @@ type Error struct {
 	Kind error
 	// Err is the underlying error.
 	Err error
+
+	retryAfter time.Duration
 }
+
+// RetryAfter is how long until the circuit breaker lets a call through
+// again when this failure opened it, or 0 (no hint). A caller that polls
+// on a timer (the plugin's envelope) waits that long rather than its own
+// retry interval.
+func (e *Error) RetryAfter() time.Duration { return e.retryAfter }
 
 // Error implements error.
 func (e *Error) Error() string {
 	var b strings.Builder
 	b.WriteString("azurekv: ")
 	b.WriteString(e.Op)
-	if e.Version != "" {
+	// A key that is missing altogether is not a missing key version.
+	keyMissing := e.Version == "" && e.Key != "" && errors.Is(e.Kind, provider.ErrKeyNotFound)
+	switch {
+	case e.Version != "":
 		b.WriteString(" with version ")
 		b.WriteString(e.Version)
-	} else if e.Vault != "" && e.Op != "token" {
+	case e.Vault != "" && e.Op != "token" && !keyMissing:
 		b.WriteString(" on ")
 		b.WriteString(e.Vault)
 	}
-	if e.Kind != nil {
+	switch {
+	case keyMissing:
+		fmt.Fprintf(&b, ": key %s not found in vault https://%s", e.Key, e.Vault)
+	case e.Kind != nil:
 		b.WriteString(": ")
 		b.WriteString(e.Kind.Error())
 	}
@@ -126,23 +143,27 @@ func (e *Error) Unwrap() []error {
 }
 
 // errCircuitOpen is returned, wrapped with provider.ErrUnavailable, while
-// the circuit breaker fails calls fast.
+// the circuit breaker fails calls fast (see circuitOpenError).
 var errCircuitOpen = errors.New("circuit open")
 
 // classify turns an error from azkeys or azidentity into an *Error. parent
 // is the caller's context: when it ended, the caller gave up and the error
 // says so instead of blaming the vault.
-func (p *Provider) classify(parent context.Context, op operation, version string, err error) error {
+func (p *Provider) classify(parent context.Context, op operation, name, version string, err error) error {
 	if err == nil {
 		return nil
 	}
 	if perr := parent.Err(); perr != nil {
 		return fmt.Errorf("azurekv: %s: %w", op.name, perr)
 	}
-	e := &Error{Op: op.name, Vault: p.vaultHost, Version: version, HSM: p.hsm, Err: err}
+	e := &Error{Op: op.name, Vault: p.vaultHost, Key: name, Version: version, HSM: p.hsm, Err: err}
 	var re *azcore.ResponseError
 	var afe *azidentity.AuthenticationFailedError
+	var fe *fileError
 	switch {
+	case errors.As(err, &fe):
+		// A credential file that no longer passes its checks.
+		e.Op, e.Kind, e.Message = opToken.name, provider.ErrPermissionDenied, fe.Error()
 	case errors.As(err, &afe):
 		e.Op = opToken.name
 		classifyToken(e, afe.RawResponse, afe.Error())
@@ -255,8 +276,11 @@ func classifyToken(e *Error, resp *http.Response, text string) {
 	switch s := e.Status; {
 	case s == 0:
 		// No answer: MSAL and azidentity wrap transport errors in text.
-		if strings.Contains(text, "dial tcp") || strings.Contains(text, "no such host") || strings.Contains(text, "connection refused") || strings.Contains(text, "timeout") || strings.Contains(text, "EOF") {
+		if msg, ok := transportText(text); ok {
 			e.Kind = provider.ErrUnavailable
+			if e.Message == "" {
+				e.Message = msg
+			}
 		} else {
 			e.Kind = provider.ErrPermissionDenied
 		}
@@ -272,6 +296,34 @@ func classifyToken(e *Error, resp *http.Response, text string) {
 
 var credentialErrorRE = regexp.MustCompile(`\b[A-Za-z]+Credential: `)
 
+// transportTexts are what a transport failure says once flattened into an
+// error's text, as MSAL does, and what to tell a person instead; "" keeps
+// the text, which names the host.
+var transportTexts = []struct{ text, message string }{
+	{"use of closed network connection", "the connection closed before an answer"},
+	{"connection reset", "the connection was reset before an answer"},
+	{"broken pipe", "the connection closed before an answer"},
+	{"EOF", "the connection closed before an answer"},
+	{"connection refused", ""},
+	{"no such host", ""},
+	{"network is unreachable", ""},
+	{"no route to host", ""},
+	{"TLS handshake", ""},
+	{"timeout", ""},
+	{"dial tcp", ""},
+}
+
+// transportText reports whether text describes a transport failure, with
+// a human message for it ("": the text itself).
+func transportText(text string) (string, bool) {
+	for _, t := range transportTexts {
+		if strings.Contains(text, t.text) {
+			return t.message, true
+		}
+	}
+	return "", false
+}
+
 func isNetworkError(err error) bool {
 	var ne net.Error
 	var dns *net.DNSError
@@ -281,7 +333,8 @@ func isNetworkError(err error) bool {
 	var hn x509.HostnameError
 	return errors.As(err, &ne) || errors.As(err, &dns) || errors.As(err, &op) || errors.As(err, &cert) ||
 		errors.As(err, &ua) || errors.As(err, &hn) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
-		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET)
+		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, net.ErrClosed) ||
+		errors.Is(err, syscall.EPIPE)
 }
 
 func networkMessage(err error) string {
@@ -296,8 +349,14 @@ func networkMessage(err error) string {
 		return "TLS certificate not trusted: " + oneLine(err.Error(), 200)
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return "connection refused"
-	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET),
+		errors.Is(err, net.ErrClosed), errors.Is(err, syscall.EPIPE):
+		// net.ErrClosed: the transport closed the connection while a
+		// request was on it (its peer or a proxy dropped it).
 		return "connection closed without an answer"
+	}
+	if msg, ok := transportText(err.Error()); ok && msg != "" {
+		return msg
 	}
 	return oneLine(err.Error(), 200)
 }
@@ -374,12 +433,19 @@ func networkRemedy(e *Error) string {
 	case e.Status >= 500:
 		return "the vault answered with a server error: check Azure Service Health for Key Vault in the vault's region; the plugin keeps serving from its cached keys meanwhile"
 	}
-	return fmt.Sprintf("cannot reach %s over HTTPS (443): check the network path (NSG, firewall, route), and HTTPS_PROXY / NO_PROXY if a proxy is required", e.Vault)
+	host, port := e.Vault, "443"
+	if h, p, err := net.SplitHostPort(e.Vault); err == nil {
+		host, port = h, p
+	}
+	return fmt.Sprintf("cannot reach %s over HTTPS (port %s): check the network path (NSG, firewall, route), and HTTPS_PROXY / NO_PROXY if a proxy is required", host, port)
 }
 
 func tokenRemedy(e *Error) string {
 	code, _ := strconv.Atoi(strings.TrimPrefix(e.InnerCode, "AADSTS"))
+	var fe *fileError
 	switch {
+	case errors.As(e.Err, &fe):
+		return fe.fix
 	case code == 7000215:
 		return "the client secret is wrong or expired: create a new secret for the app registration and write its value (not its ID) to the secret file"
 	case code == 700016:

@@ -108,7 +108,7 @@ func TestGoldenWrappedKeys(t *testing.T) {
 		w    provider.WrappedKey
 	}{
 		{"RSA-OAEP-256", rsaP, provider.WrappedKey{Version: rsaKID, Ciphertext: rsaWrapped}},
-		{"A256KW", aesP, provider.WrappedKey{Version: aesKID + "#after=0123", Ciphertext: aesWrapped}},
+		{"A256KW", aesP, provider.WrappedKey{Version: aesKID, Ciphertext: aesWrapped}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := tt.p.Unwrap(ctx, tt.w)
@@ -121,5 +121,18 @@ func TestGoldenWrappedKeys(t *testing.T) {
 	w, err := aesP.Wrap(ctx, plaintext)
 	if err != nil || !bytes.Equal(w.Ciphertext, aesWrapped) {
 		t.Fatalf("Wrap with the golden AES key = %x, %v; want %x", w.Ciphertext, err, aesWrapped)
+	}
+	// Written while the key went backwards (a newer version, disabled):
+	// the #after= form unwraps with the same version.
+	newer, err := srv.NewVersion("golden-aes")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.SetEnabled("golden-aes", lastSegment(newer), false); err != nil {
+		t.Fatal(err)
+	}
+	back := provider.WrappedKey{Version: aesKID + "#after=" + lastSegment(newer), Ciphertext: aesWrapped}
+	if got, err := aesP.Unwrap(ctx, back); err != nil || !bytes.Equal(got, plaintext) {
+		t.Fatalf("Unwrap of the golden wrapped key under %s = %x, %v", back.Version, got, err)
 	}
 }

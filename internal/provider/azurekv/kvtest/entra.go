@@ -107,6 +107,37 @@ func (s *Server) AddClientSecret(clientID, secret string) {
 	s.secrets[clientID] = secret
 }
 
+// presentedCredential is what an application last presented to the token
+// endpoint.
+type presentedCredential struct {
+	secret string
+	cert   *x509.Certificate
+}
+
+// LastClientSecret returns the client secret clientID last presented to
+// the token endpoint, right or wrong, or "".
+func (s *Server) LastClientSecret(clientID string) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.presented[clientID].secret
+}
+
+// LastClientCertificate returns the registered certificate whose key
+// signed clientID's last accepted client assertion, or nil.
+func (s *Server) LastClientCertificate(clientID string) *x509.Certificate {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.presented[clientID].cert
+}
+
+// SetClientCertificates replaces the certificates registered for
+// clientID, as removing an old certificate from an app registration does.
+func (s *Server) SetClientCertificates(clientID string, certs ...*x509.Certificate) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.certs[clientID] = append([]*x509.Certificate(nil), certs...)
+}
+
 // AddClientCertificate registers an application that authenticates with a
 // certificate assertion signed by cert's key.
 func (s *Server) AddClientCertificate(clientID string, cert *x509.Certificate) {
@@ -238,6 +269,9 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, tenant strin
 	}
 	switch {
 	case r.PostForm.Has("client_secret"):
+		s.mu.Lock()
+		s.presented[clientID] = presentedCredential{secret: r.PostForm.Get("client_secret")}
+		s.mu.Unlock()
 		if !hasSecret || !hmac.Equal([]byte(secret), []byte(r.PostForm.Get("client_secret"))) {
 			writeEntraError(w, http.StatusUnauthorized, "invalid_client", 7000215, fmt.Sprintf("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '%s'.", clientID))
 			return
@@ -252,10 +286,14 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, tenant strin
 			return
 		}
 		endpoint := "https://" + s.opts.LoginHost + "/" + tenant + "/oauth2/v2.0/token"
-		if code, msg := verifyAssertion(assertion, clientID, endpoint, certs, time.Now().Add(skew)); code != 0 {
+		cert, code, msg := verifyAssertion(assertion, clientID, endpoint, certs, time.Now().Add(skew))
+		if code != 0 {
 			writeEntraError(w, http.StatusUnauthorized, "invalid_client", code, msg)
 			return
 		}
+		s.mu.Lock()
+		s.presented[clientID] = presentedCredential{cert: cert}
+		s.mu.Unlock()
 	default:
 		writeEntraError(w, http.StatusUnauthorized, "invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.")
 		return
@@ -267,12 +305,12 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, tenant strin
 }
 
 // verifyAssertion checks a client certificate assertion (a JWT signed with
-// PS256 or RS256, naming its certificate by thumbprint) and returns an
-// AADSTS code and message when it is not acceptable.
-func verifyAssertion(assertion, clientID, endpoint string, certs []*x509.Certificate, now time.Time) (int, string) {
+// PS256 or RS256, naming its certificate by thumbprint) and returns the
+// certificate, or an AADSTS code and message when it is not acceptable.
+func verifyAssertion(assertion, clientID, endpoint string, certs []*x509.Certificate, now time.Time) (*x509.Certificate, int, string) {
 	parts := strings.Split(assertion, ".")
 	if len(parts) != 3 {
-		return 50027, "Invalid JWT token. The token is malformed."
+		return nil, 50027, "Invalid JWT token. The token is malformed."
 	}
 	var header struct {
 		Alg     string `json:"alg"`
@@ -290,7 +328,7 @@ func verifyAssertion(assertion, clientID, endpoint string, certs []*x509.Certifi
 	cb, err2 := b64.DecodeString(parts[1])
 	sig, err3 := b64.DecodeString(parts[2])
 	if err1 != nil || err2 != nil || err3 != nil || json.Unmarshal(hb, &header) != nil || json.Unmarshal(cb, &claims) != nil {
-		return 50027, "Invalid JWT token. The token is malformed."
+		return nil, 50027, "Invalid JWT token. The token is malformed."
 	}
 	var cert *x509.Certificate
 	for _, c := range certs {
@@ -302,11 +340,11 @@ func verifyAssertion(assertion, clientID, endpoint string, certs []*x509.Certifi
 		}
 	}
 	if cert == nil {
-		return 700027, fmt.Sprintf("The certificate with identifier used to sign the client assertion is not registered on application. [Reason - The key was not found., Thumbprint of key used by client: '%s%s']", header.X5TS256, header.X5T)
+		return nil, 700027, fmt.Sprintf("The certificate with identifier used to sign the client assertion is not registered on application. [Reason - The key was not found., Thumbprint of key used by client: '%s%s']", header.X5TS256, header.X5T)
 	}
 	pub, ok := cert.PublicKey.(*rsa.PublicKey)
 	if !ok {
-		return 700027, "Client assertion failed signature validation: the certificate key is not RSA."
+		return nil, 700027, "Client assertion failed signature validation: the certificate key is not RSA."
 	}
 	digest := sha256.Sum256([]byte(parts[0] + "." + parts[1]))
 	var err error
@@ -319,19 +357,19 @@ func verifyAssertion(assertion, clientID, endpoint string, certs []*x509.Certifi
 		err = fmt.Errorf("algorithm %q", header.Alg)
 	}
 	if err != nil {
-		return 700027, "Client assertion failed signature validation."
+		return nil, 700027, "Client assertion failed signature validation."
 	}
 	if claims.Aud != endpoint || claims.Iss != clientID || claims.Sub != clientID {
-		return 700021, "Client assertion audience claim does not match Realm issuer."
+		return nil, 700021, "Client assertion audience claim does not match Realm issuer."
 	}
 	exp, _ := claims.Exp.Int64()
 	nbf, _ := claims.Nbf.Int64()
 	const allowedSkew = 5 * 60
 	if n := now.Unix(); n > exp+allowedSkew || n+allowedSkew < nbf {
-		return 700024, fmt.Sprintf("Client assertion is not within its valid time range. Current time: %s, assertion valid from %s, expiry time of assertion %s.",
+		return nil, 700024, fmt.Sprintf("Client assertion is not within its valid time range. Current time: %s, assertion valid from %s, expiry time of assertion %s.",
 			now.UTC().Format(time.RFC3339), time.Unix(nbf, 0).UTC().Format(time.RFC3339), time.Unix(exp, 0).UTC().Format(time.RFC3339))
 	}
-	return 0, ""
+	return cert, 0, ""
 }
 
 // serveIMDS answers managed identity token requests as the Azure Instance

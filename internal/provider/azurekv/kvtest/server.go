@@ -28,7 +28,9 @@
 // still valid against another Server.
 //
 // Fault knobs: latency, 429 with Retry-After, 5xx, a total outage (the
-// connection is dropped), a skewed Date header; per-operation call counters.
+// connection is dropped), a skewed Date header; per-operation call counters,
+// permissions per principal and per key, and which client secret or
+// certificate each application last presented.
 // AdminHandler exposes the same over HTTP for tests driving another process
 // (see kvtestd).
 package kvtest
@@ -118,7 +120,9 @@ type Server struct {
 	federated map[string]map[string]bool
 	identity  map[string]managedIdentity // by client ID
 	systemOff bool
-	perms     map[string]map[Permission]bool // by principal
+	perms     map[string]map[Permission]bool            // by principal
+	keyPerms  map[string]map[string]map[Permission]bool // by principal, then lower-case key name
+	presented map[string]presentedCredential            // by client ID
 	faults    faults
 	calls     map[string]int64
 	lastSeen  string // principal of the last authorized vault request
@@ -172,6 +176,8 @@ func Start(opts Options) (*Server, error) {
 		federated: map[string]map[string]bool{},
 		identity:  map[string]managedIdentity{},
 		perms:     map[string]map[Permission]bool{},
+		keyPerms:  map[string]map[string]map[Permission]bool{},
+		presented: map[string]presentedCredential{},
 		calls:     map[string]int64{},
 	}
 	leaf, err := s.makeCertificates()

@@ -190,6 +190,55 @@ func (s *Server) SetPermissions(principal string, perms ...Permission) {
 	s.perms[principal] = m
 }
 
+// SetKeyPermissions replaces what principal may do with key name only, as
+// a role assignment scoped to one key does; it overrides SetPermissions
+// for that key.
+func (s *Server) SetKeyPermissions(principal, name string, perms ...Permission) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := map[Permission]bool{}
+	for _, p := range perms {
+		m[p] = true
+	}
+	if s.keyPerms[principal] == nil {
+		s.keyPerms[principal] = map[string]map[Permission]bool{}
+	}
+	s.keyPerms[principal][strings.ToLower(name)] = m
+}
+
+// DeleteKey deletes key name and all its versions, as Key Vault's delete
+// (then purge) does: every request for it answers 404 KeyNotFound.
+func (s *Server) DeleteKey(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.keys[strings.ToLower(name)] == nil {
+		return fmt.Errorf("kvtest: no key %q", name)
+	}
+	delete(s.keys, strings.ToLower(name))
+	return nil
+}
+
+// SetValidity sets one version's not-before and expiry times ("" version:
+// the newest); a nil time clears it.
+func (s *Server) SetValidity(name, versionID string, notBefore, expires *time.Time) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v, _, status := s.findLocked(name, versionID)
+	if status != 0 {
+		return fmt.Errorf("kvtest: key %s/%s not found", name, versionID)
+	}
+	unix := func(t *time.Time) *int64 {
+		if t == nil {
+			return nil
+		}
+		u := t.Unix()
+		return &u
+	}
+	v.nbf, v.exp = unix(notBefore), unix(expires)
+	v.updated = time.Now().Unix()
+	return nil
+}
+
 func defaultOps(kty string) []string {
 	if kty == KeyTypeOctHSM {
 		return []string{"encrypt", "decrypt", "wrapKey", "unwrapKey"}
@@ -405,6 +454,9 @@ func (s *Server) serveVault(w http.ResponseWriter, r *http.Request) {
 	s.lastSeen = principal
 	allowed := true
 	if perms, ok := s.perms[principal]; ok {
+		allowed = perms[rt.perm]
+	}
+	if perms, ok := s.keyPerms[principal][strings.ToLower(rt.name)]; ok {
 		allowed = perms[rt.perm]
 	}
 	s.mu.Unlock()
