@@ -37,6 +37,9 @@ func configFlags(fs *flag.FlagSet) func() (config.Config, error) {
 	maxAge := fs.Duration("kek-max-age", def.KEK.MaxAge.Duration, "replace the local KEK after this age")
 	maxUses := fs.Uint64("kek-max-uses", def.KEK.MaxUses, "replace the local KEK after this many encryptions")
 	cacheSize := fs.Int("kek-cache-size", def.KEK.CacheSize, "unwrapped local KEKs kept in memory")
+	cacheTTL := fs.Duration("kek-cache-ttl", 0, "unwrap a cached local KEK again after this long (default 3h)")
+	unwrapRate := fs.Float64("kek-unwrap-rate", 0, "remote unwraps per second at most; cached Decrypts are never limited (default 100)")
+	unwrapBurst := fs.Int("kek-unwrap-burst", 0, "remote unwrap burst (default 200)")
 	logFormat := fs.String("log-format", def.Log.Format, "json or console")
 	logLevel := fs.String("log-level", def.Log.Level, "debug, info, warn or error")
 	shutdown := fs.Duration("shutdown-timeout", def.ShutdownTimeout.Duration, "how long SIGTERM waits for in-flight requests")
@@ -76,6 +79,12 @@ func configFlags(fs *flag.FlagSet) func() (config.Config, error) {
 				cfg.KEK.MaxUses = *maxUses
 			case "kek-cache-size":
 				cfg.KEK.CacheSize = *cacheSize
+			case "kek-cache-ttl":
+				cfg.KEK.CacheTTL.Duration = *cacheTTL
+			case "kek-unwrap-rate":
+				cfg.KEK.UnwrapRate = *unwrapRate
+			case "kek-unwrap-burst":
+				cfg.KEK.UnwrapBurst = *unwrapBurst
 			case "log-format":
 				cfg.Log.Format = *logFormat
 			case "log-level":
@@ -147,6 +156,9 @@ func serve(ctx context.Context, cfg config.Config, log *zap.Logger) error {
 		KEKMaxAge:       cfg.KEK.MaxAge.Duration,
 		KEKMaxUses:      cfg.KEK.MaxUses,
 		KEKCacheSize:    cfg.KEK.CacheSize,
+		KEKCacheTTL:     cfg.KEK.CacheTTL.Duration,
+		UnwrapRate:      cfg.KEK.UnwrapRate,
+		UnwrapBurst:     cfg.KEK.UnwrapBurst,
 		ShutdownTimeout: cfg.ShutdownTimeout.Duration,
 		Version:         version,
 		Logger:          log,

@@ -92,6 +92,13 @@ type KEKConfig struct {
 	MaxAge    Duration `json:"maxAge"`
 	MaxUses   uint64   `json:"maxUses"`
 	CacheSize int      `json:"cacheSize"`
+	// CacheTTL bounds how long an unwrapped local KEK is kept before it is
+	// unwrapped again; zero means the default (3h).
+	CacheTTL Duration `json:"cacheTTL,omitzero"`
+	// UnwrapRate and UnwrapBurst bound remote unwraps per second (cached
+	// Decrypts are never limited); zero means the defaults (100/s, 200).
+	UnwrapRate  float64 `json:"unwrapRate,omitempty"`
+	UnwrapBurst int     `json:"unwrapBurst,omitempty"`
 }
 
 // LogConfig configures logging.
@@ -274,6 +281,15 @@ func (c Config) Validate() error {
 	}
 	if c.KEK.MaxUses < 1 || c.KEK.MaxUses > 1<<32 {
 		bad("kek.maxUses", "%d is outside 1..4294967296", c.KEK.MaxUses)
+	}
+	if d := c.KEK.CacheTTL.Duration; d != 0 && (d < time.Minute || d > 30*24*time.Hour) {
+		bad("kek.cacheTTL", "%s is outside 1m..720h", d)
+	}
+	if r := c.KEK.UnwrapRate; r < 0 || r > 100_000 {
+		bad("kek.unwrapRate", "%g is outside 0..100000", r)
+	}
+	if b := c.KEK.UnwrapBurst; b < 0 || b > 100_000 {
+		bad("kek.unwrapBurst", "%d is outside 0..100000", b)
 	}
 	if c.KEK.CacheSize < 1 || c.KEK.CacheSize > 1_000_000 {
 		bad("kek.cacheSize", "%d is outside 1..1000000", c.KEK.CacheSize)

@@ -121,6 +121,14 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"poll too fast", func(c *Config) { c.ProviderPollInterval.Duration = time.Millisecond }, "providerPollInterval:"},
 		{"max uses zero", func(c *Config) { c.KEK.MaxUses = 0 }, "kek.maxUses:"},
 		{"cache zero", func(c *Config) { c.KEK.CacheSize = 0 }, "kek.cacheSize:"},
+		{"cache TTL too short", func(c *Config) { c.KEK.CacheTTL.Duration = time.Second }, "kek.cacheTTL:"},
+		{"negative unwrap rate", func(c *Config) { c.KEK.UnwrapRate = -1 }, "kek.unwrapRate:"},
+		{"huge unwrap burst", func(c *Config) { c.KEK.UnwrapBurst = 1 << 30 }, "kek.unwrapBurst:"},
+		{"TLS key without cert", func(c *Config) { c.HTTPTLS.KeyFile = "/k" }, "httpTLS.keyFile:"},
+		{"token over plain HTTP", func(c *Config) { c.HTTPAuth.TokenFile = "/t" }, "httpTLS.certFile:"},
+		{"relative token file", func(c *Config) {
+			c.HTTPTLS.CertFile, c.HTTPTLS.KeyFile, c.HTTPAuth.TokenFile = "/c", "/k", "token"
+		}, "httpAuth.tokenFile:"},
 		{"max age", func(c *Config) { c.KEK.MaxAge.Duration = time.Second }, "kek.maxAge:"},
 		{"log format", func(c *Config) { c.Log.Format = "xml" }, "log.format:"},
 		{"log level", func(c *Config) { c.Log.Level = "loud" }, "log.level:"},

@@ -104,7 +104,9 @@ type Config struct {
 	MaxConcurrentUnwraps int
 	// UnwrapRate and UnwrapBurst bound remote unwraps per second (a token
 	// bucket). A cache miss that cannot get a token before its deadline
-	// fails with ErrUnwrapThrottled. Defaults 20/s and 40. Cache hits are
+	// fails with ErrUnwrapThrottled. Defaults 100/s and 200: far below a
+	// cloud vault's own throttling, and a cold start with 1,000 distinct
+	// local KEKs still takes about 8 s. Cache hits are
 	// never limited.
 	UnwrapRate  float64
 	UnwrapBurst int

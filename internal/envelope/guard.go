@@ -18,8 +18,8 @@ const (
 	DefaultNegativeCacheTTL     = 30 * time.Second
 	DefaultNegativeCacheSize    = 4096
 	DefaultMaxConcurrentUnwraps = 8
-	DefaultUnwrapRate           = 20 // remote unwraps per second
-	DefaultUnwrapBurst          = 40
+	DefaultUnwrapRate           = 100 // remote unwraps per second
+	DefaultUnwrapBurst          = 200
 )
 
 // ErrUnwrapThrottled means a cache miss could not get a remote unwrap within

@@ -56,6 +56,11 @@ type Config struct {
 	KEKMaxAge    time.Duration
 	KEKMaxUses   uint64
 	KEKCacheSize int
+	// KEKCacheTTL, UnwrapRate and UnwrapBurst are envelope.Config's
+	// CacheTTL, UnwrapRate and UnwrapBurst. Defaults as there.
+	KEKCacheTTL time.Duration
+	UnwrapRate  float64
+	UnwrapBurst int
 	// ShutdownTimeout bounds the drain of in-flight gRPC calls once Run's
 	// context ends. Default 10 s.
 	ShutdownTimeout time.Duration
@@ -125,6 +130,9 @@ func New(cfg Config) (*Plugin, error) {
 		KEKMaxAge:    cfg.KEKMaxAge,
 		KEKMaxUses:   cfg.KEKMaxUses,
 		CacheSize:    cfg.KEKCacheSize,
+		CacheTTL:     cfg.KEKCacheTTL,
+		UnwrapRate:   cfg.UnwrapRate,
+		UnwrapBurst:  cfg.UnwrapBurst,
 		Logger:       log.Named("envelope"),
 	})
 	if err != nil {
