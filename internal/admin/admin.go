@@ -30,6 +30,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kms-plugin/kms-plugin/internal/envelope"
+	"github.com/kms-plugin/kms-plugin/internal/logthrottle"
 )
 
 // Config configures a Server.
@@ -151,7 +152,7 @@ type Server struct {
 	// loopbackOnly is set when the server is open to anyone who reaches
 	// it: Listen then refuses an address that is not loopback after all.
 	loopbackOnly bool
-	authFailures *failureLog
+	authFailures *logthrottle.Throttle
 	authObserver AuthObserver // nil without one
 
 	refreshMu   sync.Mutex
@@ -198,7 +199,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.Now = time.Now
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, loopbackOnly: loopback && (cfg.TLS == nil || cfg.Authenticate == nil)}
-	s.authFailures = newFailureLog(cfg.AuthFailureLogInterval, cfg.Now)
+	s.authFailures = logthrottle.New(cfg.AuthFailureLogInterval, cfg.Now)
 	s.authObserver, _ = cfg.Observer.(AuthObserver)
 	s.http = &http.Server{
 		Handler:           s.Handler(),

@@ -6,12 +6,12 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
-	"sync"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/kms-plugin/kms-plugin/internal/adminauth"
+	"github.com/kms-plugin/kms-plugin/internal/logthrottle"
 )
 
 // DefaultAuthFailureLogInterval is AuthFailureLogInterval when left zero.
@@ -114,7 +114,7 @@ func (s *Server) authFailed(endpoint string, code int, r *http.Request, err erro
 	if ce == nil {
 		return
 	}
-	ok, suppressed := s.authFailures.admit(endpoint)
+	ok, suppressed := s.authFailures.Admit(endpoint)
 	if !ok {
 		return
 	}
@@ -131,7 +131,7 @@ func (s *Server) authFailed(endpoint string, code int, r *http.Request, err erro
 // come.
 type errorLogWriter struct {
 	log      *zap.Logger
-	failures *failureLog
+	failures *logthrottle.Throttle
 }
 
 const handshakeCause = "tls handshake"
@@ -146,7 +146,7 @@ func (e *errorLogWriter) Write(p []byte) (int, error) {
 	if ce == nil {
 		return len(p), nil
 	}
-	ok, suppressed := e.failures.admit(handshakeCause)
+	ok, suppressed := e.failures.Admit(handshakeCause)
 	if !ok {
 		return len(p), nil
 	}
@@ -156,45 +156,4 @@ func (e *errorLogWriter) Write(p []byte) (int, error) {
 	}
 	ce.Write(fields...)
 	return len(p), nil
-}
-
-// failureLog decides which failures are logged: the first of each cause
-// per interval, then one line per interval with the count of those it
-// held back. Causes are bounded (three endpoints and the TLS handshake),
-// so a flood of bad requests costs O(1) memory and at most one line per
-// cause per interval.
-type failureLog struct {
-	interval time.Duration
-	now      func() time.Time
-
-	mu     sync.Mutex
-	causes map[string]*causeState
-}
-
-type causeState struct {
-	logged     time.Time
-	suppressed uint64
-}
-
-func newFailureLog(interval time.Duration, now func() time.Time) *failureLog {
-	return &failureLog{interval: interval, now: now, causes: make(map[string]*causeState)}
-}
-
-// admit reports whether to log this failure of cause, and how many of the
-// same cause were held back since the last line.
-func (l *failureLog) admit(cause string) (ok bool, suppressed uint64) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	now := l.now()
-	c := l.causes[cause]
-	if c == nil {
-		c = &causeState{}
-		l.causes[cause] = c
-	}
-	if d := now.Sub(c.logged); !c.logged.IsZero() && d >= 0 && d < l.interval { // a clock stepped back logs
-		c.suppressed++
-		return false, 0
-	}
-	suppressed, c.suppressed, c.logged = c.suppressed, 0, now
-	return true, suppressed
 }

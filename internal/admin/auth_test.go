@@ -24,6 +24,7 @@ import (
 	"github.com/kms-plugin/kms-plugin/internal/adminauth/adminauthtest"
 	"github.com/kms-plugin/kms-plugin/internal/clocktest"
 	"github.com/kms-plugin/kms-plugin/internal/envelope"
+	"github.com/kms-plugin/kms-plugin/internal/logthrottle"
 )
 
 const testToken = "0123456789abcdef0123456789abcdef"
@@ -600,7 +601,7 @@ func TestAuthFailureLogRateLimited(t *testing.T) {
 func TestHandshakeErrorsRateLimited(t *testing.T) {
 	core, logs := observer.New(zapcore.DebugLevel)
 	clock := clocktest.New(time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC))
-	w := &errorLogWriter{log: zap.New(core), failures: newFailureLog(time.Second, clock.Now)}
+	w := &errorLogWriter{log: zap.New(core), failures: logthrottle.New(time.Second, clock.Now)}
 	for range 3 {
 		_, _ = w.Write([]byte("http: TLS handshake error from 10.0.0.9:4242: EOF\n"))
 	}

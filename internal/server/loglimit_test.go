@@ -56,22 +56,3 @@ func TestFailureFloodLogsOneLinePerCause(t *testing.T) {
 		t.Fatalf("similarSinceLastLine = %v; want 999", got)
 	}
 }
-
-func TestFailureLogCausesAreIndependent(t *testing.T) {
-	clock := clocktest.New(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
-	l := newFailureLog(time.Second, clock.Now)
-	for _, tc := range []struct {
-		cause string
-		want  bool
-	}{
-		{"Decrypt/InvalidArgument", true},
-		{"Decrypt/InvalidArgument", false},
-		{"Decrypt/Unavailable", true},
-		{"Encrypt/InvalidArgument", true},
-		{"Decrypt/Unavailable", false},
-	} {
-		if got, _ := l.admit(tc.cause); got != tc.want {
-			t.Fatalf("admit(%s) = %v; want %v", tc.cause, got, tc.want)
-		}
-	}
-}

@@ -27,6 +27,7 @@ import (
 	kmsservice "k8s.io/kms/pkg/service"
 
 	"github.com/kms-plugin/kms-plugin/internal/envelope"
+	"github.com/kms-plugin/kms-plugin/internal/logthrottle"
 	"github.com/kms-plugin/kms-plugin/internal/provider"
 )
 
@@ -65,11 +66,15 @@ type Config struct {
 	Now func() time.Time
 }
 
+// DefaultFailureLogInterval is how often one cause of failed requests is
+// logged at most.
+const DefaultFailureLogInterval = 10 * time.Second
+
 // Server is the KMS v2 gRPC server on a Unix socket.
 type Server struct {
 	cfg      Config
 	log      *zap.Logger
-	failures *failureLog
+	failures *logthrottle.Throttle
 	grpc     *grpc.Server
 	lis      net.Listener
 }
@@ -94,7 +99,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, failures: newFailureLog(cfg.FailureLogInterval, cfg.Now)}
+	s := &Server{cfg: cfg, log: cfg.Logger, failures: logthrottle.New(cfg.FailureLogInterval, cfg.Now)}
 	s.grpc = grpc.NewServer(
 		grpc.MaxRecvMsgSize(maxRecvMsgSize),
 		grpc.ChainUnaryInterceptor(s.observe, s.recover),
@@ -228,7 +233,7 @@ func (s *Server) recover(ctx context.Context, req any, info *grpc.UnaryServerInf
 
 // observe records metrics and logs requests with their uid. Successful
 // requests log at debug level, failures at warn (client errors) or error,
-// rate-limited per cause (see failureLog).
+// rate-limited per cause (see logthrottle).
 func (s *Server) observe(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
 	resp, err := handler(ctx, req)
@@ -253,7 +258,7 @@ func (s *Server) observe(ctx context.Context, req any, info *grpc.UnaryServerInf
 	var suppressed uint64
 	if code != codes.OK {
 		var ok bool
-		if ok, suppressed = s.failures.admit(method + "/" + code.String()); !ok {
+		if ok, suppressed = s.failures.Admit(method + "/" + code.String()); !ok {
 			return resp, err
 		}
 	}
