@@ -9,12 +9,8 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
-	"strconv"
 	"strings"
 	"time"
 )
@@ -31,74 +27,6 @@ func App(clientID string) string { return "app:" + clientID }
 
 // ManagedIdentity is the principal of a user-assigned managed identity.
 func ManagedIdentity(clientID string) string { return "mi:" + clientID }
-
-// tokenKey signs test tokens. It is fixed so that tokens stay valid across
-// Servers (MSAL caches managed identity tokens per process).
-const tokenKey = "kvtest: fixed HMAC key for test access tokens only"
-
-// tokenLifetime is how long issued access tokens are valid.
-const tokenLifetime = time.Hour
-
-type tokenClaims struct {
-	Aud   string `json:"aud"`
-	Tid   string `json:"tid"`
-	Sub   string `json:"sub"`
-	AppID string `json:"appid"`
-	Exp   int64  `json:"exp"`
-}
-
-func issueToken(c tokenClaims) string {
-	body, _ := json.Marshal(c)
-	mac := hmac.New(sha256.New, []byte(tokenKey))
-	mac.Write(body)
-	return "kvt1." + b64.EncodeToString(body) + "." + b64.EncodeToString(mac.Sum(nil))
-}
-
-func parseToken(tok string) (tokenClaims, error) {
-	var c tokenClaims
-	parts := strings.Split(tok, ".")
-	if len(parts) != 3 || parts[0] != "kvt1" {
-		return c, errors.New("AKV10000: the access token is malformed")
-	}
-	body, err1 := b64.DecodeString(parts[1])
-	sig, err2 := b64.DecodeString(parts[2])
-	if err1 != nil || err2 != nil {
-		return c, errors.New("AKV10000: the access token is malformed")
-	}
-	mac := hmac.New(sha256.New, []byte(tokenKey))
-	mac.Write(body)
-	if !hmac.Equal(sig, mac.Sum(nil)) {
-		return c, errors.New("AKV10005: the access token signature is invalid")
-	}
-	if err := json.Unmarshal(body, &c); err != nil {
-		return c, errors.New("AKV10000: the access token is malformed")
-	}
-	return c, nil
-}
-
-// authenticate checks a vault request's bearer token and returns its
-// principal and application ID.
-func (s *Server) authenticate(r *http.Request) (principal, appID string, err error) {
-	auth := r.Header.Get("Authorization")
-	tok, ok := strings.CutPrefix(auth, "Bearer ")
-	if !ok || tok == "" {
-		return "", "", errors.New("AKV10000: Request is missing a Bearer or PoP token.")
-	}
-	c, err := parseToken(tok)
-	if err != nil {
-		return "", "", err
-	}
-	if !strings.EqualFold(strings.TrimSuffix(c.Aud, "/"), strings.TrimSuffix(s.opts.Resource, "/")) {
-		return "", "", fmt.Errorf("AKV10022: Invalid audience. Expected %s, found: %s.", s.opts.Resource, c.Aud)
-	}
-	if !strings.EqualFold(c.Tid, s.opts.TenantID) {
-		return "", "", fmt.Errorf("AKV10032: Invalid issuer. Expected one of https://sts.windows.net/%s/, found https://sts.windows.net/%s/.", s.opts.TenantID, c.Tid)
-	}
-	if time.Now().Unix() >= c.Exp {
-		return "", "", errors.New("AKV10021: the access token has expired")
-	}
-	return c.Sub, c.AppID, nil
-}
 
 // AddClientSecret registers an application that authenticates with secret.
 func (s *Server) AddClientSecret(clientID, secret string) {
@@ -370,111 +298,4 @@ func verifyAssertion(assertion, clientID, endpoint string, certs []*x509.Certifi
 			now.UTC().Format(time.RFC3339), time.Unix(nbf, 0).UTC().Format(time.RFC3339), time.Unix(exp, 0).UTC().Format(time.RFC3339))
 	}
 	return cert, 0, ""
-}
-
-// serveIMDS answers managed identity token requests as the Azure Instance
-// Metadata Service does.
-func (s *Server) serveIMDS(w http.ResponseWriter, r *http.Request) {
-	s.count("imds")
-	s.setDate(w)
-	if r.URL.Path != "/metadata/identity/oauth2/token" {
-		http.NotFound(w, r)
-		return
-	}
-	if r.Header.Get("Metadata") != "true" {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "invalid_request", "error_description": "Required metadata header not specified"})
-		return
-	}
-	if s.tokenOutage() {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "service_unavailable", "error_description": "IMDS is temporarily unavailable"})
-		return
-	}
-	q := r.URL.Query()
-	resource := q.Get("resource")
-	if resource == "" {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "invalid_request", "error_description": "Required query variable 'resource' is missing"})
-		return
-	}
-	s.mu.Lock()
-	principal, clientID := "", ""
-	switch {
-	case q.Has("client_id"):
-		if id, ok := s.identity[q.Get("client_id")]; ok {
-			principal, clientID = ManagedIdentity(id.clientID), id.clientID
-		}
-	case q.Has("mi_res_id") || q.Has("msi_res_id"):
-		want := q.Get("mi_res_id") + q.Get("msi_res_id")
-		for _, id := range s.identity {
-			if strings.EqualFold(id.resourceID, want) {
-				principal, clientID = ManagedIdentity(id.clientID), id.clientID
-			}
-		}
-	case q.Has("object_id"):
-		// Not modelled.
-	case !s.systemOff:
-		principal, clientID = SystemIdentity, "00000000-0000-0000-0000-0000005y5tem"
-	}
-	s.mu.Unlock()
-	if principal == "" {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "invalid_request", "error_description": "Identity not found"})
-		return
-	}
-	now := time.Now()
-	tok := issueToken(tokenClaims{Aud: resource, Tid: s.opts.TenantID, Sub: principal, AppID: clientID, Exp: now.Add(tokenLifetime).Unix()})
-	secs := strconv.Itoa(int(tokenLifetime.Seconds()))
-	writeJSON(w, http.StatusOK, map[string]string{
-		"access_token": tok, "client_id": clientID, "expires_in": secs, "ext_expires_in": secs,
-		"expires_on": strconv.FormatInt(now.Add(tokenLifetime).Unix(), 10), "not_before": strconv.FormatInt(now.Unix(), 10),
-		"resource": resource, "token_type": "Bearer",
-	})
-}
-
-// serveProxy is an HTTP proxy: CONNECT tunnels to the TLS listener for the
-// host names it serves, and plain requests for the IMDS address are answered
-// by the IMDS handler.
-func (s *Server) serveProxy(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodConnect {
-		if r.URL.IsAbs() && r.URL.Hostname() == IMDSHost {
-			s.serveIMDS(w, r)
-			return
-		}
-		http.Error(w, "kvtest proxy: only CONNECT and IMDS", http.StatusForbidden)
-		return
-	}
-	s.count("connect")
-	host, port, err := net.SplitHostPort(r.Host)
-	if err != nil || port != "443" || !s.serves(host) {
-		http.Error(w, "kvtest proxy: unknown host "+r.Host, http.StatusForbidden)
-		return
-	}
-	upstream, err := net.DialTimeout("tcp", s.tlsLn.Addr().String(), 5*time.Second)
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusBadGateway)
-		return
-	}
-	hj, ok := w.(http.Hijacker)
-	if !ok {
-		upstream.Close()
-		http.Error(w, "kvtest proxy: cannot hijack", http.StatusInternalServerError)
-		return
-	}
-	conn, rw, err := hj.Hijack()
-	if err != nil {
-		upstream.Close()
-		return
-	}
-	if _, err := rw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n"); err != nil || rw.Flush() != nil {
-		conn.Close()
-		upstream.Close()
-		return
-	}
-	go tunnel(upstream, rw.Reader, conn)
-	go tunnel(conn, upstream, upstream)
-}
-
-// tunnel copies src to dst and closes both ends when done.
-func tunnel(dst io.WriteCloser, src io.Reader, srcCloser io.Closer) {
-	_, _ = io.Copy(dst, src)
-	_ = dst.Close()
-	_ = srcCloser.Close()
 }

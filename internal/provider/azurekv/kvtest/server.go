@@ -37,16 +37,9 @@ package kvtest
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"errors"
 	"fmt"
-	"math/big"
 	"net"
 	"net/http"
 	"strings"
@@ -126,19 +119,6 @@ type Server struct {
 	faults    faults
 	calls     map[string]int64
 	lastSeen  string // principal of the last authorized vault request
-}
-
-// faults are the knobs that make the vault misbehave.
-type faults struct {
-	latency       time.Duration
-	throttle      int // remaining 429 answers; <0 means until cleared
-	retryAfter    time.Duration
-	failStatus    int
-	failRemaining int // <0 means until cleared
-	outage        bool
-	dateOffset    time.Duration
-	tokenOutage   bool
-	assertionSkew time.Duration
 }
 
 type managedIdentity struct {
@@ -296,54 +276,6 @@ func (s *Server) CertPool() *x509.CertPool { return s.pool }
 // and trusts its CA. It is shared: do not modify it.
 func (s *Server) HTTPClient() *http.Client { return s.client }
 
-func (s *Server) makeCertificates() (tls.Certificate, error) {
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "kvtest CA"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("kvtest: CA certificate: %w", err)
-	}
-	if s.ca, err = x509.ParseCertificate(caDER); err != nil {
-		return tls.Certificate{}, err
-	}
-	s.caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
-	s.pool = x509.NewCertPool()
-	s.pool.AddCert(s.ca)
-
-	leafKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	names := append([]string{s.opts.VaultHost, s.opts.LoginHost, "localhost"}, s.opts.ExtraHosts...)
-	leafTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: s.opts.VaultHost},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(24 * time.Hour),
-		DNSNames:     names,
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, s.ca, &leafKey.PublicKey, caKey)
-	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("kvtest: server certificate: %w", err)
-	}
-	return tls.Certificate{Certificate: [][]byte{leafDER}, PrivateKey: leafKey}, nil
-}
-
 // serveTLS routes a request on the HTTPS listener to the vault or to Entra
 // by host name.
 func (s *Server) serveTLS(w http.ResponseWriter, r *http.Request) {
@@ -359,134 +291,4 @@ func (s *Server) serveTLS(w http.ResponseWriter, r *http.Request) {
 	default:
 		writeVaultError(w, http.StatusNotFound, "NotFound", "no such host "+host, "")
 	}
-}
-
-// count records one call of op.
-func (s *Server) count(op string) {
-	s.mu.Lock()
-	s.calls[op]++
-	s.mu.Unlock()
-}
-
-// Calls returns how many requests of op the server received, whatever their
-// outcome. Vault operations: get, list, wrapkey, unwrapkey, encrypt,
-// decrypt, create, rotate, update. Others: token (Entra token endpoint),
-// discovery (Entra metadata), imds, connect (proxy tunnels).
-func (s *Server) Calls(op string) int64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.calls[op]
-}
-
-// AllCalls returns a copy of every counter.
-func (s *Server) AllCalls() map[string]int64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	out := make(map[string]int64, len(s.calls))
-	for k, v := range s.calls {
-		out[k] = v
-	}
-	return out
-}
-
-// VaultCalls is the number of requests the vault received, all operations
-// together (unauthenticated challenge requests and failed ones included).
-func (s *Server) VaultCalls() int64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var n int64
-	for _, op := range vaultOps {
-		n += s.calls[op]
-	}
-	return n
-}
-
-// ResetCalls sets every counter to zero.
-func (s *Server) ResetCalls() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	clear(s.calls)
-}
-
-// LastPrincipal is the identity of the last authorized vault request:
-// App(clientID), SystemIdentity or ManagedIdentity(clientID).
-func (s *Server) LastPrincipal() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.lastSeen
-}
-
-// SetLatency delays every vault answer by d.
-func (s *Server) SetLatency(d time.Duration) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.faults.latency = d
-}
-
-// Throttle answers the next n vault requests with 429 and a Retry-After of
-// retryAfter (whole seconds in Retry-After when it is a whole number of
-// seconds, else retry-after-ms as well). n < 0 throttles until Throttle(0, 0).
-func (s *Server) Throttle(n int, retryAfter time.Duration) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.faults.throttle, s.faults.retryAfter = n, retryAfter
-}
-
-// Fail answers the next n vault requests with status (500, 502, 503...).
-// n < 0 fails until Fail(0, 0).
-func (s *Server) Fail(n, status int) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.faults.failRemaining, s.faults.failStatus = n, status
-}
-
-// SetOutage drops every vault connection without an answer while on, as an
-// unreachable vault does.
-func (s *Server) SetOutage(on bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.faults.outage = on
-}
-
-// SetTokenOutage makes Entra and IMDS answer 503 while on.
-func (s *Server) SetTokenOutage(on bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.faults.tokenOutage = on
-}
-
-// SetClockSkew makes the server's clock run d ahead of the client's: the
-// Date header says so, and Entra judges client assertions by it.
-func (s *Server) SetClockSkew(d time.Duration) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.faults.dateOffset = d
-	s.faults.assertionSkew = d
-}
-
-func (s *Server) now() time.Time {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return time.Now().Add(s.faults.dateOffset)
-}
-
-func (s *Server) setDate(w http.ResponseWriter) {
-	w.Header().Set("Date", s.now().UTC().Format(http.TimeFormat))
-}
-
-// errClosed is returned by a hijacked connection that was dropped.
-var errClosed = errors.New("kvtest: connection dropped")
-
-// drop closes the client connection without an answer.
-func drop(w http.ResponseWriter) error {
-	hj, ok := w.(http.Hijacker)
-	if !ok {
-		panic(http.ErrAbortHandler) // aborts the stream
-	}
-	conn, _, err := hj.Hijack()
-	if err != nil {
-		return err
-	}
-	_ = conn.Close()
-	return errClosed
 }
