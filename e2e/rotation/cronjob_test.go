@@ -129,34 +129,7 @@ func TestRotateLocalRefusedWithCronJobArgs(t *testing.T) {
 		k1[i] = st
 	}
 
-	manifest, err := os.ReadFile(filepath.Join(manifestsDir, "rotation-cronjob.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cluster.ApplyRBAC(ctx, e.h.Client, manifest); err != nil {
-		t.Fatal(err)
-	}
-	kubeconfig := filepath.Join(e.dir, "rotation-sa.kubeconfig")
-	if err := cluster.WriteServiceAccountKubeconfig(ctx, e.h.Client, e.h.Nodes[0].APIServer, cluster.RotationNamespace, "kms-plugin-rotation", kubeconfig); err != nil {
-		t.Fatal(err)
-	}
-	n0 := e.h.Nodes[0]
-	config := filepath.Join(e.dir, "node-0-plugin-config.yaml")
-	if err := os.WriteFile(config, fmt.Appendf(nil, "provider: local\nlocal:\n  keysetPath: %s\n", n0.Plugin.Keyset), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	args := swapNodePaths(t, cronJobArgs(t, "rotation-cronjob.yaml"), map[string]string{
-		"--config":            config,
-		"--encryption-config": n0.EncryptionConfig,
-		"--plugin-endpoints":  n0.Plugin.URL(),
-		"--etcd-endpoints":    e.h.Etcd.Endpoints(),
-		"--etcd-cacert":       e.h.Etcd.Client.CAFile,
-		"--etcd-cert":         e.h.Etcd.Client.CertFile,
-		"--etcd-key":          e.h.Etcd.Client.KeyFile,
-	})
-	// In the cluster the Job uses its service account's in-cluster
-	// configuration; here the same account's token, in a kubeconfig.
-	args = append(args, "--kubeconfig", kubeconfig)
+	args := e.cronJobRotateArgs(ctx, t)
 	t.Logf("rotate %s", strings.Join(args[1:], " "))
 
 	run := func(t *testing.T, want ...string) {
@@ -235,32 +208,7 @@ func TestRotateWithCronJobRBAC(t *testing.T) {
 	t.Cleanup(e.h.ProbeReadyz(3 * time.Second))
 	e.populate(t, []string{"rbac-0", "rbac-1"}, 60, 0)
 	v1 := e.keyID(t)
-	manifest, err := os.ReadFile(filepath.Join(manifestsDir, "rotation-cronjob.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cluster.ApplyRBAC(ctx, e.h.Client, manifest); err != nil {
-		t.Fatal(err)
-	}
-	kubeconfig := filepath.Join(e.dir, "rotation-sa.kubeconfig")
-	if err := cluster.WriteServiceAccountKubeconfig(ctx, e.h.Client, e.h.Nodes[0].APIServer, cluster.RotationNamespace, "kms-plugin-rotation", kubeconfig); err != nil {
-		t.Fatal(err)
-	}
-	n0 := e.h.Nodes[0]
-	config := filepath.Join(e.dir, "plugin-config.yaml")
-	if err := os.WriteFile(config, fmt.Appendf(nil, "provider: local\nlocal:\n  keysetPath: %s\n", n0.Plugin.Keyset), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	args := swapNodePaths(t, cronJobArgs(t, "rotation-cronjob.yaml"), map[string]string{
-		"--config":            config,
-		"--encryption-config": n0.EncryptionConfig,
-		"--plugin-endpoints":  n0.Plugin.URL(),
-		"--etcd-endpoints":    e.h.Etcd.Endpoints(),
-		"--etcd-cacert":       e.h.Etcd.Client.CAFile,
-		"--etcd-cert":         e.h.Etcd.Client.CertFile,
-		"--etcd-key":          e.h.Etcd.Client.KeyFile,
-	})
-	args = append(args, "--kubeconfig", kubeconfig)
+	args := e.cronJobRotateArgs(ctx, t)
 	res, err := cluster.Command{Binary: bins.plugin, Args: args, Timeout: 5 * time.Minute, LogPath: e.rotateLog}.Run(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -282,7 +230,7 @@ func TestRotateWithCronJobRBAC(t *testing.T) {
 	e.checkStored(t, v2.KeyID)
 	e.checkAPIEverywhere(t)
 	// --keep=1: the previous version stays enabled.
-	checkKeyset(t, n0.Plugin.Keyset, map[string]string{v1.RemoteVersion: "enabled", v2.RemoteVersion: "enabled *"})
+	checkKeyset(t, e.h.Nodes[0].Plugin.Keyset, map[string]string{v1.RemoteVersion: "enabled", v2.RemoteVersion: "enabled *"})
 }
 
 // canListNodes asks the apiserver whether the rotation's ServiceAccount
@@ -303,4 +251,40 @@ func subjectAccessReview(verb, resource string) *authorizationv1.SubjectAccessRe
 		Groups:             []string{"system:serviceaccounts", "system:serviceaccounts:" + cluster.RotationNamespace, "system:authenticated"},
 		ResourceAttributes: &authorizationv1.ResourceAttributes{Verb: verb, Resource: resource},
 	}}
+}
+
+// cronJobRotateArgs applies the shipped CronJob manifest's RBAC, writes a
+// kubeconfig for its ServiceAccount and node-0's plugin config, and returns
+// the CronJob's exact rotate arguments with only the node's paths and
+// ports swapped for the harness's. In the cluster the Job uses its service
+// account's in-cluster configuration; here the same account's token, in a
+// kubeconfig.
+func (e *env) cronJobRotateArgs(ctx context.Context, t *testing.T) []string {
+	t.Helper()
+	manifest, err := os.ReadFile(filepath.Join(manifestsDir, "rotation-cronjob.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cluster.ApplyRBAC(ctx, e.h.Client, manifest); err != nil {
+		t.Fatal(err)
+	}
+	kubeconfig := filepath.Join(e.dir, "rotation-sa.kubeconfig")
+	if err := cluster.WriteServiceAccountKubeconfig(ctx, e.h.Client, e.h.Nodes[0].APIServer, cluster.RotationNamespace, "kms-plugin-rotation", kubeconfig); err != nil {
+		t.Fatal(err)
+	}
+	n0 := e.h.Nodes[0]
+	config := filepath.Join(e.dir, "node-0-plugin-config.yaml")
+	if err := os.WriteFile(config, fmt.Appendf(nil, "provider: local\nlocal:\n  keysetPath: %s\n", n0.Plugin.Keyset), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	args := swapNodePaths(t, cronJobArgs(t, "rotation-cronjob.yaml"), map[string]string{
+		"--config":            config,
+		"--encryption-config": n0.EncryptionConfig,
+		"--plugin-endpoints":  n0.Plugin.URL(),
+		"--etcd-endpoints":    e.h.Etcd.Endpoints(),
+		"--etcd-cacert":       e.h.Etcd.Client.CAFile,
+		"--etcd-cert":         e.h.Etcd.Client.CertFile,
+		"--etcd-key":          e.h.Etcd.Client.KeyFile,
+	})
+	return append(args, "--kubeconfig", kubeconfig)
 }
