@@ -66,6 +66,16 @@ func (c *kekCache) versions() []string {
 	return out
 }
 
+// clear drops every entry and returns how many it dropped.
+func (c *kekCache) clear() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := c.order.Len()
+	c.order.Init()
+	clear(c.entries)
+	return n
+}
+
 // evict drops every entry whose remote version is in versions and returns
 // how many it dropped.
 func (c *kekCache) evict(versions []string) int {

@@ -92,7 +92,10 @@ func decodeLocalKEK(b []byte) (remoteVersion string, wrapped []byte, err error) 
 		return "", nil, fmt.Errorf("annotation %s has unsupported format version %d", AnnotationLocalKEK, b[0])
 	}
 	n, used := binary.Uvarint(b[1:])
-	if used <= 0 || n == 0 || n > maxRemoteVersionSize {
+	// Only the minimal encoding of the length is accepted, the one
+	// encodeLocalKEK writes: another spelling of the same annotation would
+	// be a new cache key for the same wrapped KEK, and cost an unwrap.
+	if used <= 0 || n == 0 || n > maxRemoteVersionSize || used != len(binary.AppendUvarint(nil, n)) {
 		return "", nil, fmt.Errorf("annotation %s has a malformed key version length", AnnotationLocalKEK)
 	}
 	rest := b[1+used:]

@@ -3,6 +3,7 @@ package envelope
 import (
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
@@ -232,5 +233,44 @@ func TestNegativeCacheBounded(t *testing.T) {
 	}
 	if _, ok := c.get([32]byte{4}, now.Add(time.Minute)); ok {
 		t.Fatal("entry outlived its TTL")
+	}
+}
+
+// TestRespelledLengthIsRefused re-encodes a genuine lkek annotation's length
+// varint in longer, non-minimal forms: each decodes to the same version and
+// wrapped key but would be a new cache key, so each must be refused before
+// it costs an unwrap or takes a cache slot.
+func TestRespelledLengthIsRefused(t *testing.T) {
+	ctx := context.Background()
+	writer := newFixture(t, nil)
+	writer.refresh(t)
+	resp, _ := writer.svc.Encrypt(ctx, "uid", seed(t))
+	remote := providertest.NewFaulty(writer.local)
+	reader := newFixture(t, func(c *Config) { c.Provider = remote })
+	genuine := resp.Annotations[AnnotationLocalKEK]
+	version, wrapped, err := decodeLocalKEK(genuine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for extra := 1; extra <= 8; extra++ {
+		// len(version) with continuation bytes of zero value appended.
+		length := binary.AppendUvarint(nil, uint64(len(version)))
+		length[len(length)-1] |= 0x80
+		for range extra - 1 {
+			length = append(length, 0x80)
+		}
+		length = append(length, 0x00)
+		ann := append(append(append([]byte{genuine[0]}, length...), version...), wrapped...)
+		req := decryptRequest(resp)
+		req.Annotations[AnnotationLocalKEK] = ann
+		if _, err := reader.svc.Decrypt(ctx, "uid", req); !errors.Is(err, ErrInvalidInput) {
+			t.Errorf("Decrypt with a %d-byte longer length = %v; want ErrInvalidInput", extra, err)
+		}
+	}
+	if n := remote.UnwrapCalls.Load(); n != 0 {
+		t.Fatalf("unwraps for respelled lengths = %d; want 0", n)
+	}
+	if _, err := reader.svc.Decrypt(ctx, "uid", decryptRequest(resp)); err != nil {
+		t.Fatalf("the genuine annotation: %v", err)
 	}
 }

@@ -103,6 +103,7 @@ func (s *Service) Refresh(ctx context.Context) error {
 	attempt := s.cfg.Now()
 	prev := s.health.Load()
 	version, err := s.provider.CurrentVersion(rctx)
+	noUsableVersion := revocation(err) // the store's word on the key as a whole
 	if err == nil {
 		a := s.active.Load()
 		if a == nil || a.entry.remoteVersion != version || s.expired(a, attempt) {
@@ -126,11 +127,20 @@ func (s *Service) Refresh(ctx context.Context) error {
 		h.success, h.remoteVersion, h.revoked = attempt, version, nil
 	case revocation(err):
 		// Not an outage: the store says the key may not be used. Stop
-		// encrypting with it and forget what it unwrapped.
-		if a := s.active.Swap(nil); a != nil {
-			n := s.cache.evict([]string{a.entry.remoteVersion})
-			s.log.Warn("the key store revoked the current key version; encrypting nothing until a usable version exists",
-				zap.String("keyIDHash", KeyIDHash(a.entry.keyID)), zap.Int("evicted", n), zap.Error(err))
+		// encrypting with it and forget what it unwrapped: every version
+		// when the store has no usable version of the key at all (every
+		// version disabled, or the key deleted), else the active one.
+		a := s.active.Swap(nil)
+		n := 0
+		switch {
+		case noUsableVersion:
+			n = s.cache.clear()
+		case a != nil:
+			n = s.cache.evict([]string{a.entry.remoteVersion})
+		}
+		if a != nil || n > 0 {
+			s.log.Warn("the key store revoked the key; encrypting nothing until a usable version exists",
+				zap.Int("evicted", n), zap.Error(err))
 		}
 		h.revoked = err
 	}

@@ -5,8 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	kmsservice "k8s.io/kms/pkg/service"
 
 	"github.com/kms-plugin/kms-plugin/internal/provider"
 	"github.com/kms-plugin/kms-plugin/internal/provider/local"
@@ -140,5 +143,62 @@ func TestRevokedCurrentVersionStopsEncrypt(t *testing.T) {
 	}
 	if _, err := f.svc.Decrypt(ctx, "uid", decryptRequest(before)); err != nil {
 		t.Fatalf("Decrypt after re-enable: %v", err)
+	}
+}
+
+// switchableStore is a real keyset whose whole key can be revoked at once:
+// with off set, the store reports every version disabled.
+type switchableStore struct {
+	*local.Provider
+	off atomic.Bool
+}
+
+func (s *switchableStore) CurrentVersion(ctx context.Context) (string, error) {
+	if s.off.Load() {
+		return "", fmt.Errorf("vault: %w", provider.ErrKeyDisabled)
+	}
+	return s.Provider.CurrentVersion(ctx)
+}
+
+func (s *switchableStore) Unwrap(ctx context.Context, w provider.WrappedKey) ([]byte, error) {
+	if s.off.Load() {
+		return nil, fmt.Errorf("vault: %w", provider.ErrKeyDisabled)
+	}
+	return s.Provider.Unwrap(ctx, w)
+}
+
+// TestRevokingTheWholeKeyDropsEveryVersion disables every version (an
+// emergency revocation of the key): the first poll that sees it drops the
+// cached local KEKs of older versions too, not only the current one's.
+func TestRevokingTheWholeKeyDropsEveryVersion(t *testing.T) {
+	ctx := context.Background()
+	lp, err := local.New(local.Config{Path: filepath.Join(t.TempDir(), "keyset.json"), Create: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := &switchableStore{Provider: lp}
+	svc, _ := New(Config{Provider: store})
+	if err := svc.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	old, _ := svc.Encrypt(ctx, "uid", seed(t))
+	if _, err := lp.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := svc.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cur, _ := svc.Encrypt(ctx, "uid", seed(t))
+	store.off.Store(true)
+	if err := svc.Refresh(ctx); !errors.Is(err, provider.ErrKeyDisabled) {
+		t.Fatalf("Refresh with the key revoked = %v; want ErrKeyDisabled", err)
+	}
+	for name, r := range map[string]*kmsservice.EncryptResponse{"older version": old, "current version": cur} {
+		if _, err := svc.Decrypt(ctx, "uid", decryptRequest(r)); !errors.Is(err, provider.ErrKeyDisabled) {
+			t.Errorf("Decrypt of data under the %s after the key was revoked = %v; want ErrKeyDisabled", name, err)
+		}
+	}
+	if n := svc.Stats().CacheEntries; n != 0 {
+		t.Errorf("cache entries after the key was revoked = %d; want 0", n)
 	}
 }
