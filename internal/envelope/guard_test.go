@@ -36,6 +36,19 @@ func forgedRequests(t *testing.T, template *kmsservice.EncryptResponse, provider
 	return out
 }
 
+// writtenObject returns a writer plugin on its own keyset and one object
+// it encrypted, for tests of another plugin reading it.
+func writtenObject(t *testing.T) (*fixture, *kmsservice.EncryptResponse) {
+	t.Helper()
+	writer := newFixture(t, nil)
+	writer.refresh(t)
+	resp, err := writer.svc.Encrypt(context.Background(), "uid", seed(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return writer, resp
+}
+
 // refusingProvider answers every Unwrap with err, counting calls and the
 // most calls in flight at once.
 type refusingProvider struct {
@@ -108,9 +121,7 @@ func TestReplayedRefusedUnwrapCostsOneCall(t *testing.T) {
 // negatively cached: reads recover as soon as the store does.
 func TestUnreachableStoreIsNotRemembered(t *testing.T) {
 	ctx := context.Background()
-	writer := newFixture(t, nil)
-	writer.refresh(t)
-	resp, _ := writer.svc.Encrypt(ctx, "uid", seed(t))
+	writer, resp := writtenObject(t)
 	remote := providertest.NewFaulty(writer.local)
 	reader := newFixture(t, func(c *Config) { c.Provider = remote })
 	remote.SetError(provider.ErrUnavailable)
@@ -134,9 +145,7 @@ func TestUnreachableStoreIsNotRemembered(t *testing.T) {
 // throttled, and a warm legitimate Decrypt keeps working throughout.
 func TestForgedFloodIsRateLimited(t *testing.T) {
 	ctx := context.Background()
-	writer := newFixture(t, nil)
-	writer.refresh(t)
-	resp, _ := writer.svc.Encrypt(ctx, "uid", seed(t))
+	writer, resp := writtenObject(t)
 	remote := &refusingProvider{Provider: writer.local, err: provider.ErrInvalidCiphertext}
 	const burst = 10
 	reader := newFixture(t, func(c *Config) {
@@ -193,9 +202,7 @@ func TestForgedFloodIsRateLimited(t *testing.T) {
 // MaxConcurrentUnwraps in flight, however many distinct misses arrive.
 func TestUnwrapConcurrencyBounded(t *testing.T) {
 	ctx := context.Background()
-	writer := newFixture(t, nil)
-	writer.refresh(t)
-	resp, _ := writer.svc.Encrypt(ctx, "uid", seed(t))
+	writer, resp := writtenObject(t)
 	remote := &refusingProvider{Provider: writer.local, err: provider.ErrInvalidCiphertext, delay: 20 * time.Millisecond}
 	reader := newFixture(t, func(c *Config) {
 		c.Provider = remote
@@ -242,9 +249,7 @@ func TestNegativeCacheBounded(t *testing.T) {
 // it costs an unwrap or takes a cache slot.
 func TestRespelledLengthIsRefused(t *testing.T) {
 	ctx := context.Background()
-	writer := newFixture(t, nil)
-	writer.refresh(t)
-	resp, _ := writer.svc.Encrypt(ctx, "uid", seed(t))
+	writer, resp := writtenObject(t)
 	remote := providertest.NewFaulty(writer.local)
 	reader := newFixture(t, func(c *Config) { c.Provider = remote })
 	genuine := resp.Annotations[AnnotationLocalKEK]

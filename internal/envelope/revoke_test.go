@@ -83,9 +83,7 @@ func mustLocal(t *testing.T, path string) *local.Provider {
 // longer than CacheTTL: then the store is asked again.
 func TestCacheTTLUnwrapsAgain(t *testing.T) {
 	ctx := context.Background()
-	writer := newFixture(t, nil)
-	writer.refresh(t)
-	resp, _ := writer.svc.Encrypt(ctx, "uid", seed(t))
+	writer, resp := writtenObject(t)
 	remote := providertest.NewFaulty(writer.local)
 	reader := newFixture(t, func(c *Config) { c.Provider = remote; c.CacheTTL = time.Hour })
 	for range 3 {
