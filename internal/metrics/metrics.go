@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -26,6 +27,9 @@ type Metrics struct {
 	callDuration *prometheus.HistogramVec
 	refreshes    *prometheus.CounterVec
 	authFailures *prometheus.CounterVec
+	// store is the instrumented store when it reports its own state
+	// (provider.StateReporter).
+	store atomic.Pointer[storeSource]
 }
 
 // refreshResults are the result label values of refresh_requests_total.
@@ -75,6 +79,7 @@ func New(reg prometheus.Registerer, stats func() envelope.Stats) (*Metrics, erro
 	for _, c := range []prometheus.Collector{
 		m.rpcs, m.rpcDuration, m.calls, m.callDuration, m.refreshes, m.authFailures,
 		&statsCollector{stats: stats},
+		storeCollector{src: &m.store},
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	} {
@@ -137,7 +142,10 @@ func Outcome(err error) string {
 // result keeps p's provider.VersionChecker and provider.VersionValidator:
 // when p has them it forwards to them, else it answers that nothing is
 // revoked and every version is valid, as a store without them means.
+// When p is a provider.StateReporter, the metrics also export its breaker
+// state and its own gauges (the last store instrumented wins).
 func (m *Metrics) InstrumentProvider(p provider.Provider) provider.Provider {
+	m.watchStore(p)
 	return &instrumented{Provider: p, m: m, name: p.Name()}
 }
 

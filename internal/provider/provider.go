@@ -289,3 +289,54 @@ type VersionValidator interface {
 	// wrapping ErrKeyNotFound that says what is wrong. It makes no call.
 	ValidVersion(version string) error
 }
+
+// StateReporter is a store that reports its own condition for the plugin's
+// metrics: its circuit breaker, and gauges of its own (such as when a
+// credential expires). The plugin reads it at every scrape, so it must be
+// cheap, make no call and hold no lock for long.
+type StateReporter interface {
+	ReportState() StoreState
+}
+
+// StoreState is what a StateReporter reports.
+type StoreState struct {
+	// Breaker is the state of the store's circuit breaker; BreakerNone when
+	// it has none.
+	Breaker BreakerState
+	// Gauges are store-specific measurements, each exported as
+	// kms_plugin_provider_<Name>{provider}. A value must not be a secret.
+	Gauges []Gauge
+}
+
+// BreakerState is the state of a store's circuit breaker.
+type BreakerState string
+
+// Breaker states.
+const (
+	// BreakerNone: the store has no circuit breaker.
+	BreakerNone BreakerState = ""
+	// BreakerClosed: calls go to the store.
+	BreakerClosed BreakerState = "closed"
+	// BreakerOpen: calls fail fast without reaching the store.
+	BreakerOpen BreakerState = "open"
+	// BreakerHalfOpen: one probe call may reach the store; its outcome
+	// closes or reopens the breaker.
+	BreakerHalfOpen BreakerState = "half_open"
+)
+
+// BreakerStates lists the states of a circuit breaker, BreakerNone excluded.
+func BreakerStates() []BreakerState {
+	return []BreakerState{BreakerClosed, BreakerOpen, BreakerHalfOpen}
+}
+
+// Gauge is one store-specific measurement.
+type Gauge struct {
+	// Name is the metric name's suffix, fixed by the store: lowercase
+	// letters, digits and underscores, with the unit last, such as
+	// "token_expiry_timestamp_seconds". Names a store reports must not
+	// change from one call to the next, so that the metric stays a series.
+	Name string
+	// Help says what the value means, for the metric's HELP line.
+	Help  string
+	Value float64
+}

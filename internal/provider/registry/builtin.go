@@ -3,6 +3,8 @@ package registry
 import (
 	"github.com/kms-plugin/kms-plugin/internal/provider/azurekv"
 	"github.com/kms-plugin/kms-plugin/internal/provider/local"
+	"github.com/kms-plugin/kms-plugin/internal/provider/pkcs11"
+	"github.com/kms-plugin/kms-plugin/internal/provider/vault"
 )
 
 // Builtin returns the key stores kms-plugin is built with, the default one
@@ -11,5 +13,7 @@ func Builtin() Registry {
 	return Registry{
 		local.Registration(),
 		azurekv.Registration(),
+		pkcs11.Registration(),
+		vault.Registration(),
 	}
 }

@@ -36,7 +36,7 @@ func load(t *testing.T, r Registry, body string) (config.Config, error) {
 
 func TestBuiltin(t *testing.T) {
 	r := Builtin()
-	if got, want := r.Names(), []string{local.Name, azurekv.Name}; !reflect.DeepEqual(got, want) {
+	if got, want := r.Names(), []string{local.Name, azurekv.Name, "pkcs11", "vault"}; !reflect.DeepEqual(got, want) {
 		t.Fatalf("Names() = %q; want %q (local first: the default)", got, want)
 	}
 	if got := r.Default().Provider; got != local.Name {
@@ -88,9 +88,9 @@ func TestLookup(t *testing.T) {
 	}{
 		{"local", ""},
 		{"azurekeyvault", ""},
-		{"", "provider: required (one of: local, azurekeyvault)"},
-		{"gcp", `provider: unknown provider "gcp" (one of: local, azurekeyvault)`},
-		{"Local", `provider: unknown provider "Local" (one of: local, azurekeyvault)`},
+		{"", "provider: required (one of: local, azurekeyvault, pkcs11, vault)"},
+		{"gcp", `provider: unknown provider "gcp" (one of: local, azurekeyvault, pkcs11, vault)`},
+		{"Local", `provider: unknown provider "Local" (one of: local, azurekeyvault, pkcs11, vault)`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			reg, err := Builtin().Lookup(tt.name)
@@ -148,8 +148,8 @@ func TestSettings(t *testing.T) {
 }
 
 func TestUnknownTopLevelKey(t *testing.T) {
-	_, err := load(t, Builtin(), "vault:\n  keyName: k\n")
-	if err == nil || !strings.Contains(err.Error(), `unknown field "vault"`) {
+	_, err := load(t, Builtin(), "gcp:\n  keyName: k\n")
+	if err == nil || !strings.Contains(err.Error(), `unknown field "gcp"`) {
 		t.Fatalf("Load error = %v; want an unknown field", err)
 	}
 }
