@@ -100,7 +100,7 @@ type rotateDeps struct {
 }
 
 // rotateMain is `kms-plugin rotate`.
-func rotateMain(ctx context.Context, args []string, stdout, stderr io.Writer, deps rotateDeps) error {
+func rotateMain(ctx context.Context, args []string, stdout, stderr io.Writer, deps rotateDeps) (err error) {
 	fs := flag.NewFlagSet("kms-plugin rotate", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
@@ -152,9 +152,16 @@ Flags:
 	pollInterval := fs.Duration("poll-interval", rotation.DefaultPollInterval, "how often to poll plugins, the canary and migrations")
 	svmStart := fs.Duration("svm-start-timeout", rotation.DefaultSVMStartTimeout, "with --migration auto: fall back to updates when no controller starts a StorageVersionMigration within this")
 	metricsAddr := fs.String("metrics-addr", "", "HOST:PORT to serve the rotation's Prometheus metrics on /metrics while it runs (empty: none)")
+	metricsFile := fs.String("metrics-textfile", "", "when the run ends, write its outcome and the rotation state as Prometheus metrics to this file (atomically), for node_exporter's textfile collector, such as /var/lib/node_exporter/textfile_collector/kms-plugin-rotate.prom (empty: none)")
 	shared := fs.Bool("local-keyset-shared", false, "local provider on several control-plane nodes: assert that every node reads the same keyset file (shared storage)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	// With --metrics-textfile, a run leaves its outcome in the file
+	// whatever stops it from here on.
+	var mf metricsFileRun
+	if *metricsFile != "" {
+		defer func() { err = mf.write(ctx, *metricsFile, *namespace, *name, *minAge, err) }()
 	}
 	cfg, err := loadConfig()
 	if err != nil {
@@ -164,6 +171,7 @@ Flags:
 	if err != nil {
 		return err
 	}
+	mf.log = log.Named("rotate")
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush
 	hooks, err := crashHooks(os.Getenv(CrashEnv), deps.crash, log.Named("rotate"))
 	if err != nil {
@@ -202,6 +210,7 @@ Flags:
 	if err != nil {
 		return err
 	}
+	mf.client = cc.client
 	ranger, closeEtcd, err := deps.dial(etcd)
 	if err != nil {
 		return err
@@ -239,6 +248,7 @@ Flags:
 		return err
 	}
 	result, err := r.Run(ctx)
+	mf.result = result
 	var held *rotation.LeaseHeldError
 	switch {
 	case errors.As(err, &held):

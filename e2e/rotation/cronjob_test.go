@@ -231,6 +231,14 @@ func TestRotateWithCronJobRBAC(t *testing.T) {
 	e.checkAPIEverywhere(t)
 	// --keep=1: the previous version stays enabled.
 	checkKeyset(t, e.h.Nodes[0].Plugin.Keyset, map[string]string{v1.RemoteVersion: "enabled", v2.RemoteVersion: "enabled *"})
+	// --metrics-textfile: the outcome the rotation alerts read.
+	prom, err := os.ReadFile(filepath.Join(e.dir, "kms-plugin-rotate.prom"))
+	if err != nil {
+		t.Fatalf("the CronJob's --metrics-textfile: %v", err)
+	}
+	if !strings.Contains(string(prom), "kms_plugin_rotation_last_completed_timestamp_seconds") {
+		t.Errorf("the CronJob's metrics file has no last-completed timestamp:\n%s", prom)
+	}
 }
 
 // canListNodes asks the apiserver whether the rotation's ServiceAccount
@@ -285,6 +293,7 @@ func (e *env) cronJobRotateArgs(ctx context.Context, t *testing.T) []string {
 		"--etcd-cacert":       e.h.Etcd.Client.CAFile,
 		"--etcd-cert":         e.h.Etcd.Client.CertFile,
 		"--etcd-key":          e.h.Etcd.Client.KeyFile,
+		"--metrics-textfile":  filepath.Join(e.dir, "kms-plugin-rotate.prom"),
 	})
 	return append(args, "--kubeconfig", kubeconfig)
 }

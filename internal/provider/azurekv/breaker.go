@@ -137,3 +137,27 @@ func (b *breaker) isOpen() bool {
 	defer b.mu.Unlock()
 	return b.state != closed
 }
+
+// report is the breaker's state for metrics at now: open while it fails
+// calls fast, half-open once the next call would be the probe (or the
+// probe is in flight), else closed.
+func (b *breaker) report(now time.Time) provider.BreakerState {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case b.state == closed:
+		return provider.BreakerClosed
+	case b.state == open && now.Before(b.until):
+		return provider.BreakerOpen
+	default:
+		return provider.BreakerHalfOpen
+	}
+}
+
+var _ provider.StateReporter = (*Provider)(nil)
+
+// ReportState implements provider.StateReporter: the circuit breaker's
+// state, read without calling the vault.
+func (p *Provider) ReportState() provider.StoreState {
+	return provider.StoreState{Breaker: p.breaker.report(p.cfg.Now())}
+}
