@@ -18,6 +18,7 @@ var commands = [][]string{
 	{"install"},
 	{"uninstall"},
 	{"rotate"},
+	{"reencrypt"},
 	{"verify"},
 	{"status"},
 	{"version"},

@@ -173,7 +173,9 @@ object readable:
   kms-plugin uninstall             new writes go back to the provider used
                                    before install (identity: plaintext); the
                                    plugin keeps serving reads
-  (rewrite the objects:            kubectl get secrets -A -o json | kubectl replace -f -)
+  kms-plugin reencrypt --target off-kms
+                                   rewrites every object, then checks etcd
+                                   that the plugin stores none (resumable)
   kms-plugin uninstall --finalize  checks etcd for objects still encrypted by
                                    the plugin, then removes the provider,
                                    kube-apiserver's flags and mounts, and the plugin

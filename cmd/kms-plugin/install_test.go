@@ -77,7 +77,7 @@ func TestInstallCommand(t *testing.T) {
 			t.Errorf("dry-run output lacks %q", want)
 		}
 	}
-	if !strings.Contains(errOut, "kubectl get secrets -A -o json | kubectl replace -f -") {
+	if !strings.Contains(errOut, "kms-plugin reencrypt --resources secrets") {
 		t.Errorf("dry-run notes lack the rewrite command: %q", errOut)
 	}
 	if _, err := os.Stat(filepath.Join(root, "/etc/kubernetes/manifests/kms-plugin.yaml")); !os.IsNotExist(err) {

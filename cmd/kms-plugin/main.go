@@ -6,6 +6,7 @@
 //	kms-plugin install   install the plugin on a control-plane node
 //	kms-plugin uninstall take it off again, keeping every object readable
 //	kms-plugin rotate    rotate the key end to end: rotate, re-encrypt, verify, retire
+//	kms-plugin reencrypt rewrite every object to the first provider and verify it
 //	kms-plugin verify    count stored objects per key_id in etcd
 //	kms-plugin status    the plugins, the rotation in progress and the last one
 //	kms-plugin version   print version information
@@ -67,6 +68,7 @@ Commands:
   install   install the plugin on this control-plane node (idempotent; --dry-run shows the diff)
   uninstall take the plugin off this node, in stages that keep every object readable
   rotate    rotate the key end to end (Lease-locked, resumable; cron it with --min-age)
+  reencrypt rewrite every object to the provider now first, then verify it in etcd (resumable)
   verify    count stored objects per resource, provider and key_id in etcd
   status    each plugin's health and key_id, the rotation in progress, the last one
   version   print version information
@@ -112,6 +114,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return runUninstall(ctx, args[1:], stdout, stderr)
 	case "rotate":
 		return runRotate(ctx, args[1:], stdout, stderr)
+	case "reencrypt":
+		return runReencrypt(ctx, args[1:], stdout, stderr)
 	case "verify":
 		return runVerify(ctx, args[1:], stdout, stderr)
 	case "status":

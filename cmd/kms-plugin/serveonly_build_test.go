@@ -47,6 +47,7 @@ func TestServeOnlyBuild(t *testing.T) {
 		{[]string{"keyset", "-h"}, 0, "keyset"},
 		{[]string{"doctor", "-h"}, 0, "doctor"},
 		{[]string{"rotate"}, 1, "run 'kms-plugin rotate' with the full kms-plugin binary"},
+		{[]string{"reencrypt"}, 1, "run 'kms-plugin reencrypt' with the full kms-plugin binary"},
 		{[]string{"install", "--dry-run"}, 1, "serve-only build"},
 		{[]string{"status"}, 1, "serve-only build"},
 	} {

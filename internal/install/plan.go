@@ -190,6 +190,6 @@ func (i *Installer) installNotes(ps pluginSettings) []string {
 	} else {
 		notes = append(notes, "kubeadm upgrade rewrites kube-apiserver's manifest from the cluster's ClusterConfiguration: add the same extraArgs and extraVolumes there (manifests/kubeadm-clusterconfiguration.yaml)")
 	}
-	notes = append(notes, "objects written before encryption stay in plaintext until rewritten; once every control-plane node is installed: "+RewriteCommand(i.cfg.Resources))
+	notes = append(notes, "objects written before encryption stay in plaintext until rewritten; once every control-plane node is installed: "+ReencryptCommand(i.cfg.ProviderName, i.cfg.Resources, false))
 	return notes
 }

@@ -41,11 +41,29 @@ type UninstallOptions struct {
 	Storage StorageScanner
 }
 
-// RewriteCommand is the command that rewrites every object of resources
-// through kube-apiserver, so that each is stored by the current first
-// provider.
-func RewriteCommand(resources []string) string {
-	return fmt.Sprintf("kubectl get %s -A -o json | kubectl replace -f -", strings.Join(resources, ","))
+// ReencryptCommand is the command that rewrites every object of resources
+// through kube-apiserver, so that each is stored by the provider now first
+// in the EncryptionConfiguration, and then proves it from etcd: toward the
+// kms provider providerName (off false: after install), or away from it
+// (off true: after uninstall's first stage). It is meant for a
+// control-plane node of kubeadm's layout: its admin kubeconfig, its etcd
+// and its plugin's admin port on loopback.
+func ReencryptCommand(providerName string, resources []string, off bool) string {
+	args := []string{"kms-plugin reencrypt"}
+	if off {
+		args = append(args, "--target off-kms")
+	}
+	if providerName != "" && providerName != DefaultProviderName {
+		args = append(args, "--provider-name "+providerName)
+	}
+	if len(resources) > 0 {
+		args = append(args, "--resources "+strings.Join(resources, ","))
+	}
+	args = append(args, "--kubeconfig /etc/kubernetes/admin.conf", "--etcd-endpoints https://127.0.0.1:2379")
+	if !off {
+		args = append(args, "--plugin-endpoints http://127.0.0.1:8787")
+	}
+	return strings.Join(args, " ")
 }
 
 // ValuePrefix is how etcd values stored by kms v2 provider name start.
@@ -110,7 +128,7 @@ func (i *Installer) planUninstall(ctx context.Context, opts UninstallOptions) (*
 		}
 		plan.Notes = append(plan.Notes,
 			"run this stage on every control-plane node; kube-apiserver reloads the EncryptionConfiguration by itself within about a minute (its metric apiserver_encryption_config_controller_automatic_reloads_total counts reloads)",
-			"then rewrite every object the plugin encrypted, so it is stored by the provider now first: "+RewriteCommand(resources),
+			"then, once every node reloaded it, rewrite every object the plugin encrypted, so it is stored by the provider now first (resumable; it checks etcd after): "+ReencryptCommand(name, resources, true),
 			"then remove the provider and the plugin: kms-plugin uninstall --finalize (it checks etcd first)")
 		return plan, nil
 	}
@@ -135,7 +153,7 @@ func (i *Installer) planUninstall(ctx context.Context, opts UninstallOptions) (*
 		}
 		if total > 0 {
 			return nil, fmt.Errorf("%w: %d objects in etcd, such as %s; rewrite them first (%s) or use --force to make them unreadable",
-				ErrStillEncrypted, total, strings.Join(keys, ", "), RewriteCommand(resources))
+				ErrStillEncrypted, total, strings.Join(keys, ", "), ReencryptCommand(name, resources, true))
 		}
 	}
 

@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kms-plugin/kms-plugin/internal/envelope"
+	"github.com/kms-plugin/kms-plugin/internal/etcdscan"
 )
 
 // run is one process's work on one rotation, under the Lease. It reads the
@@ -33,6 +34,12 @@ type run struct {
 	// re-encrypted: the metrics read both while the driver works.
 	saved atomic.Pointer[stateView]
 	live  atomic.Pointer[liveProgress]
+	// order is the stages of rot in order, for the stage a failed run
+	// resumes at; nil: a rotation's. isCurrent tells whether etcd already
+	// holds an object as the re-encryption wants it; nil: under the
+	// provider's new key_id.
+	order     []Stage
+	isCurrent func(etcdscan.Encryption) bool
 }
 
 // stateView is what the metrics show of the state.
@@ -61,6 +68,13 @@ func (r *Runner) Run(ctx context.Context) (*Result, error) {
 	if r.cfg.DryRun {
 		return r.dryRun(ctx)
 	}
+	return r.locked(ctx, (*run).run)
+}
+
+// locked takes the Lease (or returns a *LeaseHeldError), runs f on a new
+// run while renewing it, and releases it, unless f returned a test hook's
+// error (returned as it is) or the Lease was lost.
+func (r *Runner) locked(ctx context.Context, f func(*run, context.Context) (*Result, error)) (*Result, error) {
 	l := &lease{r: r}
 	if err := l.acquireWait(ctx); err != nil {
 		return nil, err
@@ -79,7 +93,7 @@ func (r *Runner) Run(ctx context.Context) (*Result, error) {
 	}()
 	x := &run{Runner: r, store: &stateStore{client: r.cfg.Client, namespace: r.cfg.Namespace, name: r.cfg.Name}}
 	r.cur.Store(x)
-	res, err := x.run(runCtx)
+	res, err := f(x, runCtx)
 	stopRenew()
 	wg.Wait()
 	if he := (*hookError)(nil); errors.As(err, &he) {
@@ -105,6 +119,18 @@ func (x *run) run(ctx context.Context) (*Result, error) {
 		x.rot = st.Rotation
 		x.log.Info("resuming rotation", zap.String("id", x.rot.ID), zap.String("stage", string(x.rot.Stage)),
 			zap.String("status", string(x.rot.Status)), zap.String("previousHolder", x.rot.Holder))
+	} else if from, to, err := x.movedOutside(ctx, st); err != nil {
+		return nil, err
+	} else if from != "" {
+		// The key store made a new version current by itself (Vault's
+		// auto_rotate_period, an operator in the vault's console): this
+		// run adopts it, converging, re-encrypting, verifying and
+		// retiring without creating another version, whatever min-age says.
+		x.log.Info("the key store's current version changed outside kms-plugin; adopting it without rotating",
+			zap.String("lastRotatedTo", from), zap.String("current", to))
+		x.rot = x.newRotation()
+		x.rot.OldVersion, x.rot.OldKeyID = from, envelope.DeriveKeyID(x.cfg.Provider.Name(), from)
+		st.Rotation = x.rot
 	} else {
 		due, why, err := x.due(ctx, st)
 		if err != nil {
@@ -262,7 +288,11 @@ func (x *run) failed(ctx context.Context, s Stage, rec *StageRecord, err error) 
 		cancel()
 	}
 	resume := s
-	for _, st := range stages {
+	order := x.order
+	if order == nil {
+		order = stages
+	}
+	for _, st := range order {
 		if !x.rot.done(st) {
 			resume = st
 			break

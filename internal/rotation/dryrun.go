@@ -24,6 +24,11 @@ func (r *Runner) dryRun(ctx context.Context) (*Result, error) {
 	if st.InProgress() {
 		rot = st.Rotation
 		plan = append(plan, fmt.Sprintf("would resume rotation %s at stage %s (%s)", rot.ID, rot.Stage, rot.Status))
+	} else if from, to, err := r.movedOutside(ctx, st); err != nil {
+		return nil, err
+	} else if from != "" {
+		rot = &Rotation{OldVersion: from, OldKeyID: envelope.DeriveKeyID(cfg.Provider.Name(), from)}
+		plan = append(plan, fmt.Sprintf("the key store moved from version %s (the last rotation's) to %s by itself: would adopt it without creating a version", from, to))
 	} else {
 		due, why, err := r.due(ctx, st)
 		if err != nil {

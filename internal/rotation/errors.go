@@ -25,7 +25,7 @@ type LeaseHeldError struct {
 }
 
 func (e *LeaseHeldError) Error() string {
-	msg := fmt.Sprintf("another rotation is running: Lease %s/%s is held by %s", e.Namespace, e.Name, e.Holder)
+	msg := fmt.Sprintf("another rotation or re-encryption is running: Lease %s/%s is held by %s", e.Namespace, e.Name, e.Holder)
 	if !e.RenewTime.IsZero() {
 		msg += fmt.Sprintf(" (renewed %s ago, expires in %s)", HumanDuration(e.Now.Sub(e.RenewTime)), HumanDuration(e.Expires.Sub(e.Now)))
 	}
@@ -38,6 +38,9 @@ type StageError struct {
 	Stage  Stage
 	Resume Stage
 	Err    error
+	// Op names the run in the message: "" for a rotation, "re-encryption"
+	// for `kms-plugin reencrypt`.
+	Op string
 }
 
 func (e *StageError) Error() string {
@@ -45,7 +48,11 @@ func (e *StageError) Error() string {
 	if resume == "" {
 		resume = e.Stage
 	}
-	return fmt.Sprintf("rotation stopped at stage %s: %v (all keys intact; the next run resumes at %s)", e.Stage, e.Err, resume)
+	op := e.Op
+	if op == "" {
+		op = "rotation"
+	}
+	return fmt.Sprintf("%s stopped at stage %s: %v (all keys intact; the next run resumes at %s)", op, e.Stage, e.Err, resume)
 }
 
 func (e *StageError) Unwrap() error { return e.Err }

@@ -137,6 +137,10 @@ type cluster struct {
 	listed []string
 	// svm simulates a StorageVersionMigration controller: nil means none.
 	svm bool
+	// first is the value the simulated apiserver writes when not the kms
+	// provider (its EncryptionConfiguration's first provider is aescbc or
+	// identity); nil writes kms v2 values. Set under mu.
+	first func() []byte
 
 	plugins []*plugin
 }
@@ -396,14 +400,20 @@ func (c *cluster) react(action k8stesting.Action) (bool, runtime.Object, error) 
 		// stale.
 		ek := etcdKey(res, in.GetNamespace(), in.GetName())
 		e, _ := etcdscan.Classify(c.etcd.get(ek))
-		if e.KeyID == keyID {
+		value := storedValue(testProviderName, keyID)
+		if c.first != nil {
+			value = c.first()
+			if w, _ := etcdscan.Classify(value); w.Kind == e.Kind && w.Provider == e.Provider {
+				return true, cur.DeepCopy(), nil
+			}
+		} else if e.Kind == etcdscan.KindKMSv2 && e.KeyID == keyID {
 			return true, cur.DeepCopy(), nil
 		}
 		c.rv++
 		out := in.DeepCopy()
 		out.SetResourceVersion(strconv.FormatInt(c.rv, 10))
 		c.objects[key] = out
-		c.etcd.put(ek, storedValue(testProviderName, keyID))
+		c.etcd.put(ek, value)
 		c.writes.Add(1)
 		return true, out.DeepCopy(), nil
 	}

@@ -11,6 +11,8 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/time/rate"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+
+	"github.com/kms-plugin/kms-plugin/internal/etcdscan"
 )
 
 // FieldManager names the rotation's no-op updates.
@@ -82,8 +84,11 @@ type pipeline struct {
 	res      string
 	store    objectStore
 	newKeyID string
-	limiter  *rate.Limiter
-	live     *liveProgress
+	// isCurrent tells whether an object stored so is done; nil: under
+	// newKeyID of the provider.
+	isCurrent func(etcdscan.Encryption) bool
+	limiter   *rate.Limiter
+	live      *liveProgress
 	// rewritten is the stage's count, for Hooks.AfterRewrites.
 	rewritten *atomic.Int64
 	// stop stops the workers and the lister; a hook's error is its cause.
@@ -97,7 +102,7 @@ func (x *run) rewriteResource(ctx context.Context, res string, served servedReso
 	cont := prog.Continue
 	wctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
-	p := &pipeline{x: x, res: res, store: x.objectStore(served), newKeyID: x.rot.NewKeyID, limiter: limiter,
+	p := &pipeline{x: x, res: res, store: x.objectStore(served), newKeyID: x.rot.NewKeyID, isCurrent: x.isCurrent, limiter: limiter,
 		live: newLiveProgress(*prog), rewritten: rewritten, stop: stop}
 	log := x.log.With(zap.String("resource", res))
 	log.Info("re-encrypting", zap.String("gvr", served.gvr.String()), zap.String("wire", p.store.wire()),

@@ -145,7 +145,13 @@ func (p *pipeline) current(ctx context.Context, items []*storedObject) []bool {
 			}
 			found++
 			e, err := etcdscan.Classify(kv.Value)
-			out[i] = err == nil && e.Kind == etcdscan.KindKMSv2 && e.Provider == cfg.ProviderName && e.KeyID == p.newKeyID
+			switch {
+			case err != nil:
+			case p.isCurrent != nil:
+				out[i] = p.isCurrent(e)
+			default:
+				out[i] = e.Kind == etcdscan.KindKMSv2 && e.Provider == cfg.ProviderName && e.KeyID == p.newKeyID
+			}
 			return nil
 		})
 		if err != nil {

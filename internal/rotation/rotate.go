@@ -26,7 +26,7 @@ func (x *run) rotate(ctx context.Context) (stageResult, error) {
 	)
 	if cur != x.rot.OldVersion {
 		v = cur
-		note = fmt.Sprintf("adopted version %s, made current after this rotation started (by an interrupted run or another tool); no new version created", cur)
+		note = fmt.Sprintf("adopted version %s, made current without this rotation (by an interrupted run, another tool or the key store's own rotation policy); no new version created", cur)
 		x.log.Info("adopting the key store's current version", zap.String("version", cur))
 	} else {
 		rt, ok := p.(provider.Rotator)

@@ -94,11 +94,17 @@ func (r *Runner) now() time.Time { return r.cfg.Now().UTC() }
 
 // New checks cfg and returns a Runner.
 func New(cfg Config) (*Runner, error) {
-	if cfg.Client == nil {
-		return nil, errors.New("rotation: no Kubernetes client")
-	}
 	if cfg.Provider == nil {
 		return nil, errors.New("rotation: no provider")
+	}
+	return newRunner(cfg)
+}
+
+// newRunner checks cfg, but for its Provider (a re-encryption needs none),
+// and fills in the defaults.
+func newRunner(cfg Config) (*Runner, error) {
+	if cfg.Client == nil {
+		return nil, errors.New("rotation: no Kubernetes client")
 	}
 	if cfg.Dynamic == nil && !cfg.DryRun {
 		return nil, errors.New("rotation: no dynamic client")

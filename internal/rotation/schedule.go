@@ -41,3 +41,27 @@ func (r *Runner) due(ctx context.Context, st *State) (bool, string, error) {
 	}
 	return true, fmt.Sprintf("due: %s %s ago, min-age %s", what, HumanDuration(age), HumanDuration(r.cfg.MinAge)), nil
 }
+
+// movedOutside reports the version the last rotation made current (from)
+// and the key store's current version (to) when they differ: the store
+// rotated by itself since, and the data under from still needs
+// re-encrypting. It returns "" for from when nothing was recorded yet or
+// the store is where the last rotation left it.
+func (r *Runner) movedOutside(ctx context.Context, st *State) (from, to string, err error) {
+	switch {
+	case st.LastCompleted != nil && st.LastCompleted.NewVersion != "":
+		from = st.LastCompleted.NewVersion
+	case len(st.VersionHistory) > 0:
+		from = st.VersionHistory[len(st.VersionHistory)-1]
+	default:
+		return "", "", nil
+	}
+	to, err = r.cfg.Provider.CurrentVersion(ctx)
+	if err != nil {
+		return "", "", fmt.Errorf("ask the key store for its current version: %w", err)
+	}
+	if to == from {
+		return "", to, nil
+	}
+	return from, to, nil
+}

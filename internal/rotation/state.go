@@ -31,6 +31,11 @@ type State struct {
 	LastCompleted *Completed `json:"lastCompleted,omitempty"`
 	// LastVerify holds the counts of the last verify.
 	LastVerify *Report `json:"lastVerify,omitempty"`
+	// Reencryption is the `kms-plugin reencrypt` run in progress, or the
+	// last one: the re-encrypt and verify stages on their own.
+	Reencryption *Rotation `json:"reencryption,omitempty"`
+	// LastReencryptVerify holds the counts of its last verify.
+	LastReencryptVerify *Report `json:"lastReencryptVerify,omitempty"`
 	// VersionHistory lists the provider versions rotations made current,
 	// oldest first (at most 64): it orders versions for the keep count
 	// where the store records no creation time.
@@ -80,6 +85,10 @@ type Rotation struct {
 	Holder string `json:"holder,omitempty"`
 	// Runs counts the processes that worked on this rotation.
 	Runs int `json:"runs"`
+	// Target is what a re-encryption (State.Reencryption) rewrites
+	// toward: kms (every object under NewKeyID of ProviderName) or off-kms
+	// (none stored by ProviderName). Empty for rotations.
+	Target ReencryptTarget `json:"target,omitempty"`
 }
 
 // StageRecord is one stage of a rotation.

@@ -24,6 +24,11 @@ type VerifyConfig struct {
 	// ExpectedKeyID is the key_id every object should be under. Empty:
 	// count only; Stale stays 0.
 	ExpectedKeyID string
+	// Off checks the other way, as after uninstall's first stage: objects
+	// stored by the kms v2 provider ProviderName, under any key_id, are
+	// stale, and every other object (other providers, unencrypted) is
+	// current. ExpectedKeyID is then ignored.
+	Off bool
 	// PageSize is the etcd page size. Default 100.
 	PageSize int64
 	// Samples is how many stale and unencrypted keys to name. Default 5.
@@ -39,6 +44,8 @@ type Report struct {
 	ProviderName      string           `json:"providerName"`
 	ExpectedKeyID     string           `json:"expectedKeyID"`
 	ExpectedKeyIDHash string           `json:"expectedKeyIDHash,omitempty"`
+	// Off: no object may be stored by ProviderName (VerifyConfig.Off).
+	Off bool `json:"off,omitempty"`
 	// Total counts every object; Current those under the expected key_id
 	// of the provider; Stale the encrypted ones that are not (other key_ids,
 	// other providers, malformed); Unencrypted those stored in clear.
@@ -96,10 +103,17 @@ func Verify(ctx context.Context, cfg VerifyConfig) (*Report, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	rep := &Report{ProviderName: cfg.ProviderName, ExpectedKeyID: cfg.ExpectedKeyID, ExpectedKeyIDHash: envelope.KeyIDHash(cfg.ExpectedKeyID), At: cfg.Now().UTC()}
+	if cfg.Off {
+		cfg.ExpectedKeyID = ""
+	}
+	rep := &Report{ProviderName: cfg.ProviderName, ExpectedKeyID: cfg.ExpectedKeyID, ExpectedKeyIDHash: envelope.KeyIDHash(cfg.ExpectedKeyID), Off: cfg.Off, At: cfg.Now().UTC()}
 	current := func(e etcdscan.Encryption) bool {
+		if cfg.Off {
+			return e.Kind != etcdscan.KindKMSv2 || e.Provider != cfg.ProviderName
+		}
 		return e.Kind == etcdscan.KindKMSv2 && e.Provider == cfg.ProviderName && e.KeyID == cfg.ExpectedKeyID
 	}
+	judged := cfg.ExpectedKeyID != "" || cfg.Off
 	sc := etcdscan.New(cfg.Etcd, cfg.PageSize)
 	var rev int64
 	for _, res := range cfg.Resources {
@@ -110,7 +124,7 @@ func Verify(ctx context.Context, cfg VerifyConfig) (*Report, error) {
 				if len(rep.UnencryptedSamples) < cfg.Samples {
 					rep.UnencryptedSamples = append(rep.UnencryptedSamples, string(key))
 				}
-			case cfg.ExpectedKeyID != "" && !current(e):
+			case judged && !current(e):
 				stale++
 				if len(rep.StaleSamples) < cfg.Samples {
 					rep.StaleSamples = append(rep.StaleSamples, string(key))
@@ -124,7 +138,7 @@ func Verify(ctx context.Context, cfg VerifyConfig) (*Report, error) {
 		rr := ResourceReport{Resource: res, Total: rc.Total, Unencrypted: rc.Unencrypted, Stale: stale, Malformed: rc.Malformed, ByKey: []KeyReport{}}
 		for _, k := range rc.ByKey {
 			kr := KeyReport{Kind: string(k.Kind), Provider: k.Provider, KeyID: k.KeyID, KeyIDHash: envelope.KeyIDHash(k.KeyID), Count: k.Count}
-			kr.Current = cfg.ExpectedKeyID != "" && current(etcdscan.Encryption{Kind: k.Kind, Provider: k.Provider, KeyID: k.KeyID})
+			kr.Current = judged && current(etcdscan.Encryption{Kind: k.Kind, Provider: k.Provider, KeyID: k.KeyID})
 			if kr.Current {
 				rep.Current += k.Count
 			}
