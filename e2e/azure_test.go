@@ -142,14 +142,7 @@ func TestAzureKeyVault(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cleanup()
-	apiserverBin, err := cluster.KubeAPIServerBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	etcdBin, err := cluster.EtcdBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
+	apiserverBin, etcdBin := controlPlaneBinaries(t)
 	dir, err := os.MkdirTemp("", "kms-az-")
 	if err != nil {
 		t.Fatal(err)

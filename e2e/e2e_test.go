@@ -297,6 +297,21 @@ func TestKeyRotation(t *testing.T) {
 	checkSecrets(t, ns, secrets)
 }
 
+// controlPlaneBinaries returns the kube-apiserver and etcd binaries the
+// tests run (cluster.KubeAPIServerBinary, cluster.EtcdBinary), or fails t.
+func controlPlaneBinaries(t *testing.T) (apiserver, etcd string) {
+	t.Helper()
+	apiserver, err := cluster.KubeAPIServerBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	etcd, err = cluster.EtcdBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return apiserver, etcd
+}
+
 // setup makes t dump the process logs if it fails.
 func setup(t *testing.T) {
 	t.Helper()

@@ -406,14 +406,7 @@ func waitServing(ctx context.Context, t *testing.T, ctr *cluster.Container, sock
 func TestImageAsStaticPod(t *testing.T) {
 	pm, image := imageUnderTest(t)
 	ctx := context.Background()
-	etcdBin, err := cluster.EtcdBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	apiBin, err := cluster.KubeAPIServerBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
+	apiBin, etcdBin := controlPlaneBinaries(t)
 	dir := cluster.TempDir(t, "kms-img-")
 	root := filepath.Join(dir, "host")
 	run := staticPodRun(t, image, root, filepath.Join(dir, "kms-plugin-container.log"))

@@ -78,14 +78,7 @@ func TestInstallOnKubeadmNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cleanup()
-	apiBin, err := cluster.KubeAPIServerBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	etcdBin, err := cluster.EtcdBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
+	apiBin, etcdBin := controlPlaneBinaries(t)
 	kubeadm, err := os.ReadFile(kubeadmManifest)
 	if err != nil {
 		t.Fatal(err)

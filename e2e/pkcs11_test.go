@@ -36,14 +36,7 @@ func TestPKCS11(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cleanup()
-	apiserverBin, err := cluster.KubeAPIServerBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	etcdBin, err := cluster.EtcdBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
+	apiserverBin, etcdBin := controlPlaneBinaries(t)
 	dir := cluster.TempDir(t, "kmsp-")
 	hsm, err := cluster.NewSoftHSM(ctx, dir, "kms-e2e")
 	if err != nil {

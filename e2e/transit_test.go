@@ -40,14 +40,7 @@ func TestVaultTransit(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cleanup()
-	apiserverBin, err := cluster.KubeAPIServerBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	etcdBin, err := cluster.EtcdBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
+	apiserverBin, etcdBin := controlPlaneBinaries(t)
 	dir := cluster.TempDir(t, "kmsv-")
 	start := time.Now()
 	v, err := cluster.StartTransitVault(dir, time.Second)

@@ -4,15 +4,12 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
 	"strings"
-	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/kms-plugin/kms-plugin/internal/config"
@@ -78,17 +75,7 @@ Flags:
 	pluginPort := fs.Int("plugin-port", rotation.DefaultPluginPort, "plugin HTTP port on discovered control-plane Nodes")
 	plugin := addPluginFlags(fs)
 	etcd := addEtcdFlags(fs, nil)
-	workers := fs.Int("workers", rotation.DefaultWorkers, "parallel rewrites")
-	qps := fs.Float64("qps", rotation.DefaultQPS, "rewrites per second at most")
-	burst := fs.Int("burst", 0, "rewrite burst (default: --qps)")
-	pageSize := fs.Int64("page-size", rotation.DefaultPageSize, "objects per LIST page")
-	dryRun := fs.Bool("dry-run", false, "show what a run would do; change nothing")
-	wait := fs.Bool("wait", false, "wait for a Lease held by another run instead of exiting with code 2")
-	migration := fs.String("migration", string(rotation.MigrationUpdate), "update, storageversionmigration or auto (auto: StorageVersionMigration where the cluster serves it and a controller runs it, else updates)")
-	progress := fs.String("progress", "auto", "auto, bar or log: a progress bar on a terminal, else log lines")
-	leaseDuration := fs.Duration("lease-duration", rotation.DefaultLeaseDuration, "Lease duration; a crashed run's Lease is free after it (at once on the same host)")
-	pollInterval := fs.Duration("poll-interval", rotation.DefaultPollInterval, "how often to poll a held Lease (--wait) and migrations")
-	svmStart := fs.Duration("svm-start-timeout", rotation.DefaultSVMStartTimeout, "with --migration auto: fall back to updates when no controller starts a StorageVersionMigration within this")
+	rf := addRunFlags(fs, "how often to poll a held Lease (--wait) and migrations")
 	metricsAddr := fs.String("metrics-addr", "", "HOST:PORT to serve the re-encryption's Prometheus metrics on /metrics while it runs (empty: none)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -118,27 +105,16 @@ Flags:
 	if err != nil {
 		return err
 	}
-	var progressOut io.Writer
-	progressInterval := 10 * time.Second
-	switch *progress {
-	case "auto":
-		if isTerminal(stderr) {
-			progressOut = stderr
-		}
-	case "bar":
-		progressOut = stderr
-	case "log":
-	default:
-		return fmt.Errorf("--progress %q: want auto, bar or log", *progress)
-	}
-	if progressOut != nil {
-		progressInterval = time.Hour // the bar replaces the log lines
+	progressOut, progressInterval, err := rf.progressOutput(stderr)
+	if err != nil {
+		return err
 	}
 	pluginHTTP, pluginScheme, err := plugin.client()
 	if err != nil {
 		return err
 	}
-	cc, err := deps.clients(*kubeconfig, nil, float32(max(50, 2**qps)), max(100, 2**burst, 2*int(*qps)))
+	clientQPS, clientBurst := rf.clientRate()
+	cc, err := deps.clients(*kubeconfig, nil, clientQPS, clientBurst)
 	if err != nil {
 		return err
 	}
@@ -147,24 +123,20 @@ Flags:
 		return err
 	}
 	defer closeEtcd()
-	var reg *prometheus.Registry
-	if *metricsAddr != "" {
-		reg = prometheus.NewRegistry()
-		stop, err := serveMetrics(*metricsAddr, reg)
-		if err != nil {
-			return err
-		}
-		defer stop()
+	reg, stopMetrics, err := startMetrics(*metricsAddr)
+	if err != nil {
+		return err
 	}
+	defer stopMetrics()
 	re, err := rotation.NewReencrypter(rotation.Config{
 		Client: cc.client, Dynamic: cc.dynamic, REST: cc.rest,
 		Namespace: *namespace, Name: *name,
 		ProviderName: *res.providerName, Resources: resources,
 		PluginEndpoints: pluginEndpoints, PluginPort: *pluginPort, PluginScheme: pluginScheme, HTTPClient: pluginHTTP,
 		Etcd: ranger, EtcdPrefix: *etcd.prefix,
-		Workers: *workers, QPS: *qps, Burst: *burst, PageSize: *pageSize,
-		DryRun: *dryRun, Wait: *wait, Migration: rotation.Migration(*migration), SVMStartTimeout: *svmStart,
-		LeaseDuration: *leaseDuration, PollInterval: *pollInterval,
+		Workers: *rf.workers, QPS: *rf.qps, Burst: *rf.burst, PageSize: *rf.pageSize,
+		DryRun: *rf.dryRun, Wait: *rf.wait, Migration: rotation.Migration(*rf.migration), SVMStartTimeout: *rf.svmStart,
+		LeaseDuration: *rf.leaseDuration, PollInterval: *rf.pollInterval,
 		Logger: log.Named("reencrypt"), Progress: progressOut, ProgressInterval: progressInterval,
 		Hooks: hooks,
 	}, rotation.ReencryptOptions{Target: tgt, KeyID: *expectKeyID})
@@ -175,18 +147,7 @@ Flags:
 		return err
 	}
 	result, err := re.Run(ctx)
-	var held *rotation.LeaseHeldError
-	switch {
-	case errors.As(err, &held):
-		return &exitError{code: leaseHeldExitCode, err: err}
-	case err != nil:
-		return err
-	}
-	for _, line := range result.Plan {
-		fmt.Fprintln(stdout, line)
-	}
-	fmt.Fprintln(stdout, result.Message)
-	return nil
+	return reportRun(stdout, result, err)
 }
 
 // reencryptResources returns the resources: --resources, else those

@@ -139,18 +139,8 @@ Flags:
 	etcd := addEtcdFlags(fs, nil)
 	convergeTimeout := fs.Duration("converge-timeout", rotation.DefaultConvergeTimeout, "how long converge waits for every plugin and apiserver")
 	convergeWait := fs.Duration("converge-wait", rotation.DefaultConvergeWait, "without etcd: how long to wait for the apiservers after every plugin reports the new key")
-	workers := fs.Int("workers", rotation.DefaultWorkers, "parallel rewrites")
-	qps := fs.Float64("qps", rotation.DefaultQPS, "rewrites per second at most")
-	burst := fs.Int("burst", 0, "rewrite burst (default: --qps)")
-	pageSize := fs.Int64("page-size", rotation.DefaultPageSize, "objects per LIST page")
+	rf := addRunFlags(fs, "how often to poll plugins, the canary and migrations")
 	keep := fs.Int("keep", 1, "old key versions kept enabled besides the current one")
-	dryRun := fs.Bool("dry-run", false, "show what a run would do; change nothing")
-	wait := fs.Bool("wait", false, "wait for a Lease held by another run instead of exiting with code 2")
-	migration := fs.String("migration", string(rotation.MigrationUpdate), "update, storageversionmigration or auto (auto: StorageVersionMigration where the cluster serves it and a controller runs it, else updates)")
-	progress := fs.String("progress", "auto", "auto, bar or log: a progress bar on a terminal, else log lines")
-	leaseDuration := fs.Duration("lease-duration", rotation.DefaultLeaseDuration, "Lease duration; a crashed run's Lease is free after it (at once on the same host)")
-	pollInterval := fs.Duration("poll-interval", rotation.DefaultPollInterval, "how often to poll plugins, the canary and migrations")
-	svmStart := fs.Duration("svm-start-timeout", rotation.DefaultSVMStartTimeout, "with --migration auto: fall back to updates when no controller starts a StorageVersionMigration within this")
 	metricsAddr := fs.String("metrics-addr", "", "HOST:PORT to serve the rotation's Prometheus metrics on /metrics while it runs (empty: none)")
 	metricsFile := fs.String("metrics-textfile", "", "when the run ends, write its outcome and the rotation state as Prometheus metrics to this file (atomically), for node_exporter's textfile collector, such as /var/lib/node_exporter/textfile_collector/kms-plugin-rotate.prom (empty: none)")
 	shared := fs.Bool("local-keyset-shared", false, "local provider on several control-plane nodes: assert that every node reads the same keyset file (shared storage)")
@@ -181,21 +171,9 @@ Flags:
 	if err != nil {
 		return err
 	}
-	var progressOut io.Writer
-	progressInterval := 10 * time.Second
-	switch *progress {
-	case "auto":
-		if isTerminal(stderr) {
-			progressOut = stderr
-		}
-	case "bar":
-		progressOut = stderr
-	case "log":
-	default:
-		return fmt.Errorf("--progress %q: want auto, bar or log", *progress)
-	}
-	if progressOut != nil {
-		progressInterval = time.Hour // the bar replaces the log lines
+	progressOut, progressInterval, err := rf.progressOutput(stderr)
+	if err != nil {
+		return err
 	}
 
 	pluginHTTP, pluginScheme, err := plugin.client()
@@ -206,7 +184,8 @@ Flags:
 	if err != nil {
 		return err
 	}
-	cc, err := deps.clients(*kubeconfig, apiEndpoints, float32(max(50, 2**qps)), max(100, 2**burst, 2*int(*qps)))
+	clientQPS, clientBurst := rf.clientRate()
+	cc, err := deps.clients(*kubeconfig, apiEndpoints, clientQPS, clientBurst)
 	if err != nil {
 		return err
 	}
@@ -219,15 +198,11 @@ Flags:
 	if len(apiEndpoints) == 0 && cc.apiserver == nil && ranger != nil {
 		log.Named("rotate").Warn("the kubeconfig trusts no CA of its own (insecure-skip-tls-verify, or the system roots), so the canary proves its server only, not each apiserver of the kubernetes EndpointSlices (their addresses come from the cluster, and the credentials must not go to whoever answers them); name the apiservers with --apiserver-endpoints")
 	}
-	var reg *prometheus.Registry
-	if *metricsAddr != "" {
-		reg = prometheus.NewRegistry()
-		stop, err := serveMetrics(*metricsAddr, reg)
-		if err != nil {
-			return err
-		}
-		defer stop()
+	reg, stopMetrics, err := startMetrics(*metricsAddr)
+	if err != nil {
+		return err
 	}
+	defer stopMetrics()
 	r, err := rotation.New(rotation.Config{
 		Client: cc.client, Dynamic: cc.dynamic, REST: cc.rest, APIServers: cc.apiservers, APIServerClient: cc.apiserver,
 		Namespace: *namespace, Name: *name,
@@ -235,9 +210,9 @@ Flags:
 		PluginEndpoints: pluginEndpoints, PluginPort: *pluginPort, PluginScheme: pluginScheme, HTTPClient: pluginHTTP,
 		Etcd: ranger, EtcdPrefix: *etcd.prefix,
 		MinAge: *minAge, ConvergeTimeout: *convergeTimeout, ConvergeWait: *convergeWait,
-		Workers: *workers, QPS: *qps, Burst: *burst, PageSize: *pageSize, Keep: *keep,
-		DryRun: *dryRun, Wait: *wait, Migration: rotation.Migration(*migration), SVMStartTimeout: *svmStart,
-		LocalKeysetShared: *shared, LeaseDuration: *leaseDuration, PollInterval: *pollInterval,
+		Workers: *rf.workers, QPS: *rf.qps, Burst: *rf.burst, PageSize: *rf.pageSize, Keep: *keep,
+		DryRun: *rf.dryRun, Wait: *rf.wait, Migration: rotation.Migration(*rf.migration), SVMStartTimeout: *rf.svmStart,
+		LocalKeysetShared: *shared, LeaseDuration: *rf.leaseDuration, PollInterval: *rf.pollInterval,
 		Logger: log.Named("rotate"), Progress: progressOut, ProgressInterval: progressInterval,
 		Hooks: hooks,
 	})
@@ -249,6 +224,69 @@ Flags:
 	}
 	result, err := r.Run(ctx)
 	mf.result = result
+	return reportRun(stdout, result, err)
+}
+
+// runFlags are the flags rotate and reencrypt share: the pace of the
+// rewrites, the Lease, the migration and the progress output.
+type runFlags struct {
+	workers                               *int
+	qps                                   *float64
+	burst                                 *int
+	pageSize                              *int64
+	dryRun, wait                          *bool
+	migration, progress                   *string
+	leaseDuration, pollInterval, svmStart *time.Duration
+}
+
+// addRunFlags adds the runFlags to fs; pollHelp says what --poll-interval
+// polls.
+func addRunFlags(fs *flag.FlagSet, pollHelp string) *runFlags {
+	return &runFlags{
+		workers:       fs.Int("workers", rotation.DefaultWorkers, "parallel rewrites"),
+		qps:           fs.Float64("qps", rotation.DefaultQPS, "rewrites per second at most"),
+		burst:         fs.Int("burst", 0, "rewrite burst (default: --qps)"),
+		pageSize:      fs.Int64("page-size", rotation.DefaultPageSize, "objects per LIST page"),
+		dryRun:        fs.Bool("dry-run", false, "show what a run would do; change nothing"),
+		wait:          fs.Bool("wait", false, "wait for a Lease held by another run instead of exiting with code 2"),
+		migration:     fs.String("migration", string(rotation.MigrationUpdate), "update, storageversionmigration or auto (auto: StorageVersionMigration where the cluster serves it and a controller runs it, else updates)"),
+		progress:      fs.String("progress", "auto", "auto, bar or log: a progress bar on a terminal, else log lines"),
+		leaseDuration: fs.Duration("lease-duration", rotation.DefaultLeaseDuration, "Lease duration; a crashed run's Lease is free after it (at once on the same host)"),
+		pollInterval:  fs.Duration("poll-interval", rotation.DefaultPollInterval, pollHelp),
+		svmStart:      fs.Duration("svm-start-timeout", rotation.DefaultSVMStartTimeout, "with --migration auto: fall back to updates when no controller starts a StorageVersionMigration within this"),
+	}
+}
+
+// clientRate returns the QPS and burst of the cluster clients: twice the
+// rewrites' (at least 50 and 100), so that polls and LISTs keep room.
+func (f *runFlags) clientRate() (float32, int) {
+	return float32(max(50, 2**f.qps)), max(100, 2**f.burst, 2*int(*f.qps))
+}
+
+// progressOutput returns, from --progress, where the progress bar goes
+// (nil: no bar) and the interval of the progress log lines.
+func (f *runFlags) progressOutput(stderr io.Writer) (io.Writer, time.Duration, error) {
+	var out io.Writer
+	switch *f.progress {
+	case "auto":
+		if isTerminal(stderr) {
+			out = stderr
+		}
+	case "bar":
+		out = stderr
+	case "log":
+	default:
+		return nil, 0, fmt.Errorf("--progress %q: want auto, bar or log", *f.progress)
+	}
+	if out != nil {
+		return out, time.Hour, nil // the bar replaces the log lines
+	}
+	return nil, 10 * time.Second, nil
+}
+
+// reportRun returns the error of a run (exit code 2 when another run holds
+// the Lease) or prints its plan and message.
+func reportRun(stdout io.Writer, result *rotation.Result, err error) error {
 	var held *rotation.LeaseHeldError
 	switch {
 	case errors.As(err, &held):
@@ -261,6 +299,20 @@ Flags:
 	}
 	fmt.Fprintln(stdout, result.Message)
 	return nil
+}
+
+// startMetrics serves a new registry on addr/metrics until stop is called;
+// with no addr it returns a nil registry and a stop that does nothing.
+func startMetrics(addr string) (reg *prometheus.Registry, stop func(), err error) {
+	if addr == "" {
+		return nil, func() {}, nil
+	}
+	reg = prometheus.NewRegistry()
+	stop, err = serveMetrics(addr, reg)
+	if err != nil {
+		return nil, nil, err
+	}
+	return reg, stop, nil
 }
 
 // serveMetrics serves reg on addr/metrics until stop is called.

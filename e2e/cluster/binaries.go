@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -135,29 +136,42 @@ func ServePluginBinary(ctx context.Context) (path string, cleanup func(), err er
 // ./cmd/kms-plugin of the enclosing repository into a temporary directory.
 // The returned cleanup removes what was built; call it when done.
 func PluginBinary(ctx context.Context) (path string, cleanup func(), err error) {
-	if path := os.Getenv(EnvPluginBin); path != "" {
-		path, err := checkBinary(fmt.Sprintf("%s=%q", EnvPluginBin, path), path)
+	return pluginBinary(ctx, EnvPluginBin, "kms-plugin-e2e-bin-", "kms-plugin", nil, nil)
+}
+
+// pluginBinary returns $env or, when unset, builds ./cmd/kms-plugin of the
+// enclosing repository as name into a temporary directory made from
+// dirPattern: go build with buildArgs, its environment plus goEnv. The
+// returned cleanup removes what was built.
+func pluginBinary(ctx context.Context, env, dirPattern, name string, goEnv, buildArgs []string) (path string, cleanup func(), err error) {
+	if path := os.Getenv(env); path != "" {
+		path, err := checkBinary(fmt.Sprintf("%s=%q", env, path), path)
 		return path, func() {}, err
 	}
 	root, err := RepoRoot()
 	if err != nil {
-		return "", nil, fmt.Errorf("%s is unset and the repository to build it from is unknown: %w", EnvPluginBin, err)
+		return "", nil, fmt.Errorf("%s is unset and the repository to build it from is unknown: %w", env, err)
 	}
-	dir, err := os.MkdirTemp("", "kms-plugin-e2e-bin-")
+	dir, err := os.MkdirTemp("", dirPattern)
 	if err != nil {
 		return "", nil, err
 	}
 	cleanup = func() { os.RemoveAll(dir) }
-	path = filepath.Join(dir, "kms-plugin")
+	path = filepath.Join(dir, name)
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", path, "./cmd/kms-plugin")
+	args := append(append([]string{"build"}, buildArgs...), "-o", path, "./cmd/kms-plugin")
+	cmd := exec.CommandContext(ctx, "go", args...)
 	cmd.Dir = root
+	if len(goEnv) > 0 {
+		cmd.Env = append(os.Environ(), goEnv...)
+	}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
 		cleanup()
-		return "", nil, fmt.Errorf("%s is unset; building it with `go build ./cmd/kms-plugin` in %s failed: %w\n%s", EnvPluginBin, root, err, out.Bytes())
+		shown := strings.Join(slices.Concat(goEnv, []string{"go", "build"}, buildArgs, []string{"./cmd/kms-plugin"}), " ")
+		return "", nil, fmt.Errorf("%s is unset; building it with `%s` in %s failed: %w\n%s", env, shown, root, err, out.Bytes())
 	}
 	return path, cleanup, nil
 }

@@ -159,30 +159,5 @@ func (s *SoftHSM) run(ctx context.Context, name string, args ...string) (string,
 // the PKCS#11 build of ./cmd/kms-plugin (CGO_ENABLED=1 -tags pkcs11) of the
 // enclosing repository into a temporary directory. Call cleanup when done.
 func PKCS11PluginBinary(ctx context.Context) (path string, cleanup func(), err error) {
-	if path := os.Getenv(EnvPKCS11PluginBin); path != "" {
-		path, err := checkBinary(fmt.Sprintf("%s=%q", EnvPKCS11PluginBin, path), path)
-		return path, func() {}, err
-	}
-	root, err := RepoRoot()
-	if err != nil {
-		return "", nil, fmt.Errorf("%s is unset and the repository to build it from is unknown: %w", EnvPKCS11PluginBin, err)
-	}
-	dir, err := os.MkdirTemp("", "kms-plugin-e2e-pkcs11-")
-	if err != nil {
-		return "", nil, err
-	}
-	cleanup = func() { os.RemoveAll(dir) }
-	path = filepath.Join(dir, "kms-plugin-pkcs11")
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "go", "build", "-tags", "pkcs11", "-o", path, "./cmd/kms-plugin")
-	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		cleanup()
-		return "", nil, fmt.Errorf("%s is unset; building it with `CGO_ENABLED=1 go build -tags pkcs11 ./cmd/kms-plugin` failed: %w\n%s", EnvPKCS11PluginBin, err, out.Bytes())
-	}
-	return path, cleanup, nil
+	return pluginBinary(ctx, EnvPKCS11PluginBin, "kms-plugin-e2e-pkcs11-", "kms-plugin-pkcs11", []string{"CGO_ENABLED=1"}, []string{"-tags", "pkcs11"})
 }

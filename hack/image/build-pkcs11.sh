@@ -14,6 +14,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=lib.sh
+source "${here}/lib.sh"
 repo=$(cd "${here}/../.." && pwd)
 if [[ $# -lt 2 ]]; then
 	echo "usage: $0 PKCS11_BIN TAG..." >&2
@@ -83,17 +85,7 @@ chmod 0644 "${ctx}/ca-certificates.crt"
 cp "${here}/Containerfile.pkcs11" "${ctx}/Containerfile"
 printf '%s\n' "${debs[@]##*/}" >"${ctx}/rootfs/usr/share/doc/kms-plugin-rootfs.txt"
 
-epoch=${SOURCE_DATE_EPOCH:-$(git -C "${here}" log -1 --format=%ct 2>/dev/null || echo 0)}
-tags=() old=()
-for t in "$@"; do
-	tags+=(--tag "${t}")
-	old+=("$(podman image inspect --format '{{.Id}}' "${t}" 2>/dev/null || true)")
-done
-podman build --quiet --layers=false --timestamp "${epoch}" \
-	--build-arg VERSION="${VERSION:-dev}" \
-	--build-arg REVISION="${REVISION:-unknown}" \
-	--build-arg SOURCE="${SOURCE:-https://github.com/kms-plugin/kms-plugin}" \
-	"${tags[@]}" --file "${ctx}/Containerfile" "${ctx}" >/dev/null
+podman_build "${ctx}" "$@"
 # The binary must start on this rootfs: its loader and libraries are there.
 if ! out=$(podman run --rm --pull never --network none "$1" version 2>&1); then
 	echo "build-pkcs11.sh: the plugin does not start in $1: ${out}" >&2
@@ -103,8 +95,4 @@ podman image inspect --format '{{.Id}} {{.Size}}' "$1" | {
 	read -r id size
 	echo "build-pkcs11.sh: built $* (${id:0:12}, $((size / 1024)) KiB): ${out}"
 }
-for id in "${old[@]}"; do
-	if [[ -n ${id} && $(podman image inspect --format '{{len .RepoTags}}' "${id}" 2>/dev/null) == 0 ]]; then
-		podman rmi "${id}" >/dev/null 2>&1 || true
-	fi
-done
+remove_replaced_images

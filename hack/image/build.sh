@@ -16,6 +16,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=lib.sh
+source "${here}/lib.sh"
 if [[ $# -lt 3 ]]; then
 	echo "usage: $0 BIN SERVE_BIN TAG..." >&2
 	exit 2
@@ -47,25 +49,9 @@ bash "${here}/ca-bundle.sh" >"${ctx}/ca-certificates.crt"
 chmod 0644 "${ctx}/ca-certificates.crt"
 cp "${here}/Containerfile" "${ctx}/Containerfile"
 
-epoch=${SOURCE_DATE_EPOCH:-$(git -C "${here}" log -1 --format=%ct 2>/dev/null || echo 0)}
-tags=() old=()
-for t in "$@"; do
-	tags+=(--tag "${t}")
-	old+=("$(podman image inspect --format '{{.Id}}' "${t}" 2>/dev/null || true)")
-done
-podman build --quiet --layers=false --timestamp "${epoch}" \
-	--build-arg VERSION="${VERSION:-dev}" \
-	--build-arg REVISION="${REVISION:-unknown}" \
-	--build-arg SOURCE="${SOURCE:-https://github.com/kms-plugin/kms-plugin}" \
-	"${tags[@]}" --file "${ctx}/Containerfile" "${ctx}" >/dev/null
+podman_build "${ctx}" "$@"
 podman image inspect --format '{{.Id}} {{.Size}}' "$1" | {
 	read -r id size
 	echo "build.sh: built $* (${id:0:12}, $((size / 1024)) KiB)"
 }
-# The images these tags named before, once no tag names them any more, are
-# only disk space: remove them (never an image another tag still names).
-for id in "${old[@]}"; do
-	if [[ -n ${id} && $(podman image inspect --format '{{len .RepoTags}}' "${id}" 2>/dev/null) == 0 ]]; then
-		podman rmi "${id}" >/dev/null 2>&1 || true
-	fi
-done
+remove_replaced_images

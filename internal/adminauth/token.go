@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+
+	"github.com/kms-plugin/kms-plugin/internal/fileowner"
 )
 
 // maxTokenSize bounds a token file.
@@ -185,7 +187,7 @@ func checkSecretFile(path string, fi os.FileInfo) error {
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
 		return fmt.Errorf("adminauth: token file %s has mode %04o: group and others must have no access: chmod 600 %s (in a Kubernetes Secret volume: defaultMode: 0400)", path, perm, path)
 	}
-	if uid, ok := fileOwner(fi); ok && uid != 0 && uid != os.Getuid() {
+	if uid, ok := fileowner.UID(fi); ok && uid != 0 && uid != os.Getuid() {
 		return fmt.Errorf("adminauth: token file %s is owned by uid %d, not by this process's user (uid %d) or root: chown %d %s", path, uid, os.Getuid(), os.Getuid(), path)
 	}
 	return nil

@@ -64,6 +64,26 @@ func allows(gs []grant, g grant) bool {
 	return false
 }
 
+// requestsOfRuns forgets the requests seen so far, runs run with cfg twice
+// and then as a dry run (the second run finds the Lease, the state and the
+// canary made by the first), and returns the requests of the three runs.
+func requestsOfRuns(t *testing.T, c *cluster, cfg Config, run func(Config) (*Result, error)) []grant {
+	t.Helper()
+	c.client.ClearActions()
+	c.dyn.ClearActions()
+	var used []grant
+	for _, dry := range []bool{false, false, true} {
+		cfg.DryRun = dry
+		if _, err := run(cfg); err != nil {
+			t.Fatal(err)
+		}
+		used = append(used, requests(c)...)
+		c.client.ClearActions()
+		c.dyn.ClearActions()
+	}
+	return used
+}
+
 // requests returns what the fake apiserver saw, as grants (creates and
 // lists without a name, as RBAC sees them), discovery left out.
 func requests(c *cluster) []grant {
@@ -164,20 +184,7 @@ func TestPermissionsAreWhatRunsUse(t *testing.T) {
 			c := newCluster(t, clusterOpts{secrets: 4, configmaps: 2})
 			cfg := c.config()
 			tt.setup(t, c, &cfg)
-			c.client.ClearActions()
-			c.dyn.ClearActions()
-			// Two rotations and a dry run: the second finds the Lease,
-			// the state and the canary made by the first.
-			var used []grant
-			for _, dry := range []bool{false, false, true} {
-				cfg.DryRun = dry
-				if _, err := runOnce(t, c.runner(cfg)); err != nil {
-					t.Fatal(err)
-				}
-				used = append(used, requests(c)...)
-				c.client.ClearActions()
-				c.dyn.ClearActions()
-			}
+			used := requestsOfRuns(t, c, cfg, func(cfg Config) (*Result, error) { return runOnce(t, c.runner(cfg)) })
 			allowed := grants(Permissions(tt.opts))
 			var denied []string
 			for _, g := range used {

@@ -18,7 +18,14 @@ func gatherState(t *testing.T, st *State, run RunReport) map[string]float64 {
 	if err := reg.Register(StateCollector(st, run)); err != nil {
 		t.Fatal(err)
 	}
-	mfs, err := reg.Gather()
+	return gatherGauges(t, reg)
+}
+
+// gatherGauges gathers g into NAME,LABEL=VALUE,... keys and the gauges'
+// values (0 for a metric of another type).
+func gatherGauges(t *testing.T, g prometheus.Gatherer) map[string]float64 {
+	t.Helper()
+	mfs, err := g.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -517,18 +517,7 @@ func TestReencryptPermissionsAreWhatRunsUse(t *testing.T) {
 			c := newCluster(t, clusterOpts{secrets: 4, configmaps: 2})
 			cfg := c.reencryptConfig()
 			tt.setup(t, c, &cfg)
-			c.client.ClearActions()
-			c.dyn.ClearActions()
-			var used []grant
-			for _, dry := range []bool{false, false, true} {
-				cfg.DryRun = dry
-				if _, err := runReencrypt(t, reencrypter(t, cfg, tt.ro)); err != nil {
-					t.Fatal(err)
-				}
-				used = append(used, requests(c)...)
-				c.client.ClearActions()
-				c.dyn.ClearActions()
-			}
+			used := requestsOfRuns(t, c, cfg, func(cfg Config) (*Result, error) { return runReencrypt(t, reencrypter(t, cfg, tt.ro)) })
 			allowed := grants(ReencryptPermissions(tt.opts, tt.nodes))
 			for _, g := range used {
 				if !allows(allowed, g) {

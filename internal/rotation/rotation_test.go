@@ -791,20 +791,7 @@ func TestMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := map[string]float64{}
-	for _, mf := range mfs {
-		for _, m := range mf.GetMetric() {
-			key := mf.GetName()
-			for _, l := range m.GetLabel() {
-				key += "," + l.GetName() + "=" + l.GetValue()
-			}
-			got[key] = m.GetGauge().GetValue()
-		}
-	}
+	got := gatherGauges(t, reg)
 	for key, want := range map[string]float64{
 		"kms_plugin_rotation_stage,stage=done,status=completed":          1,
 		"kms_plugin_rotation_objects,outcome=rewritten,resource=secrets": 9,

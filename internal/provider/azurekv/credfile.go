@@ -11,6 +11,8 @@ import (
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
+
+	"github.com/kms-plugin/kms-plugin/internal/fileowner"
 )
 
 // maxCredentialFileSize bounds a credential file (a PFX with its chain is
@@ -42,7 +44,7 @@ func checkSecretFile(path, what string, fi os.FileInfo) error {
 			fix: fmt.Sprintf("chmod 600 %s (in a Kubernetes Secret or projected volume: defaultMode: 0400)", path),
 		}
 	}
-	if uid, ok := fileOwner(fi); ok && uid != 0 && uid != os.Geteuid() {
+	if uid, ok := fileowner.UID(fi); ok && uid != 0 && uid != os.Geteuid() {
 		return &fileError{
 			msg: fmt.Sprintf("azurekv: %s file %s is owned by uid %d, not by the plugin's user (uid %d) or root", what, path, uid, os.Geteuid()),
 			fix: fmt.Sprintf("chown %d %s, or run the plugin as its owner", os.Geteuid(), path),

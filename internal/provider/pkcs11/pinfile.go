@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/kms-plugin/kms-plugin/internal/fileowner"
 )
 
 // maxPINFileSize bounds the PIN file: PINs are a few dozen bytes (a Luna
@@ -78,7 +80,7 @@ func checkPINFile(path string, fi os.FileInfo) error {
 		return &PINFileError{Path: path, Msg: fmt.Sprintf("has mode %04o: group and others must have no access", perm),
 			Fix: fmt.Sprintf("chmod 600 %s (in a Kubernetes Secret volume: defaultMode: 0400)", path)}
 	}
-	if uid, ok := fileOwner(fi); ok && uid != 0 && uid != os.Geteuid() {
+	if uid, ok := fileowner.UID(fi); ok && uid != 0 && uid != os.Geteuid() {
 		return &PINFileError{Path: path, Msg: fmt.Sprintf("is owned by uid %d, not by the plugin's user (uid %d) or root", uid, os.Geteuid()),
 			Fix: fmt.Sprintf("chown %d %s, or run the plugin as its owner", os.Geteuid(), path)}
 	}
@@ -97,7 +99,7 @@ func checkDir(path, dir string) error {
 		return &PINFileError{Path: path, Msg: fmt.Sprintf("is a symlink in %s, which group or others may write (mode %04o): it could be pointed anywhere", dir, fi.Mode().Perm()),
 			Fix: "keep the PIN file (or its symlink) in a directory only its owner may write"}
 	}
-	if uid, ok := fileOwner(fi); ok && uid != 0 && uid != os.Geteuid() {
+	if uid, ok := fileowner.UID(fi); ok && uid != 0 && uid != os.Geteuid() {
 		return &PINFileError{Path: path, Msg: fmt.Sprintf("is a symlink in %s, owned by uid %d", dir, uid),
 			Fix: "keep the PIN file (or its symlink) in a directory owned by the plugin's user or root"}
 	}

@@ -5,7 +5,8 @@ import (
 	"io"
 	"os"
 	"strings"
-	"syscall"
+
+	"github.com/kms-plugin/kms-plugin/internal/fileowner"
 )
 
 // maxSecretFileSize bounds a token, secret ID or JWT file.
@@ -65,9 +66,9 @@ func checkSecretFile(path, what string, fi os.FileInfo) error {
 			Fix: fmt.Sprintf("chmod 600 %s (in a Kubernetes Secret or projected volume: defaultMode: 0400)", path),
 		}
 	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 && int(st.Uid) != os.Geteuid() {
+	if uid, ok := fileowner.UID(fi); ok && uid != 0 && uid != os.Geteuid() {
 		return &secretFileError{
-			msg: fmt.Sprintf("%s file %s is owned by uid %d, not by the plugin's user (uid %d) or root", what, path, st.Uid, os.Geteuid()),
+			msg: fmt.Sprintf("%s file %s is owned by uid %d, not by the plugin's user (uid %d) or root", what, path, uid, os.Geteuid()),
 			Fix: fmt.Sprintf("chown %d %s, or run the plugin as its owner", os.Geteuid(), path),
 		}
 	}

@@ -1,14 +1,14 @@
 //go:build unix
 
-package pkcs11
+package fileowner
 
 import (
 	"os"
 	"syscall"
 )
 
-// fileOwner returns the uid owning fi.
-func fileOwner(fi os.FileInfo) (int, bool) {
+// UID returns the uid owning fi, and false when fi carries no owner.
+func UID(fi os.FileInfo) (int, bool) {
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	if !ok {
 		return 0, false
